@@ -1,0 +1,100 @@
+"""The ``edgeus`` command line: thin parsing over the Python API.
+
+    edgeus <command> [positional ...] [group=option ...] [dotted.key=value ...]
+
+Config groups: ``recipe=`` (recipes/*.yaml), ``data=`` (phantom | busi | tmed2 | folder),
+``target=`` (targets/*.yaml), ``profile=`` (a recipe's profile). Everything else is a dotted
+override of the typed config (``train.epochs=3``, ``data.root=/data/BUSI``). Each command lives in
+``edgeus/commands/<name>.py`` and is imported only when it runs, so a command whose optional
+dependency is missing still lists and fails only when used.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+COMMANDS: dict[str, str] = {
+    "train": "Train a classifier (teacher or student) on a dataset",
+    "eval": "Evaluate a checkpoint or ONNX model: accuracy, per-class recall, F1, AUC, ECE",
+    "models": "List the model zoo with parameters and MACs",
+    "recipes": "List recipes, or show one: edgeus recipes rsmas_int8",
+    "targets": "List deployment targets, or show one: edgeus targets jetson_orin_nano",
+    "compress": "Run a recipe end to end: teacher -> prune -> distill -> decompose -> quantize -> ...",
+    "prune": "Structured / unstructured / 2:4 pruning of a checkpoint",
+    "distill": "Train a student from a teacher with knowledge distillation",
+    "decompose": "Tucker-2 / SVD low-rank decomposition of a checkpoint",
+    "export": "Export a checkpoint to ONNX (simplified, checked, parity-tested)",
+    "quantize": "INT8 quantisation of an ONNX model for a target (calibrated Q/DQ)",
+    "build": "Build a TensorRT engine (or prepare the build for the device when TensorRT is absent)",
+    "bench": "Latency / throughput benchmark of models on a backend; compare mode gives ratios",
+    "package": "Write a firmware bundle from a run directory",
+    "verify": "Verify a firmware bundle: checksums, schema, compatibility, golden outputs",
+}
+
+USAGE = """usage: edgeus <command> [args] [key=value ...]
+
+Compress ultrasound image classifiers into small, fast, trustworthy INT8 engines.
+
+commands:
+{commands}
+
+Config groups: recipe=<name>  data=phantom|busi|tmed2|folder  target=<name>  profile=<name>
+Overrides:     dotted keys, e.g. train.epochs=3 data.root=/data/BUSI model.name=rsmas
+Help:          edgeus <command> --help    |    edgeus recipes    |    edgeus targets
+
+Example:       edgeus compress recipe=rsmas_int8
+"""
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    return USAGE.format(commands="\n".join(f"  {k.ljust(width)}  {v}" for k, v in COMMANDS.items()))
+
+
+def _command_module(name: str):
+    return importlib.import_module(f"edgeus.commands.{name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from edgeus import __version__
+
+        print(f"edgeus {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, COMMANDS, n=2)
+        print(f"edgeus: unknown command {name!r}." + (f" Did you mean {' or '.join(close)}?" if close else ""),
+              file=sys.stderr)
+        print(_usage(), file=sys.stderr)
+        return 2
+    module = _command_module(name)
+    if any(a in ("-h", "--help") for a in rest):
+        print(f"usage: edgeus {name} {getattr(module, 'USAGE', '[key=value ...]')}\n")
+        print((module.__doc__ or COMMANDS[name]).strip())
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from edgeus.config import ConfigError, compose, split_args
+    from edgeus.errors import EdgeusError
+
+    positional, overrides = split_args(rest)
+    try:
+        cfg = compose(overrides, defaults=getattr(module, "DEFAULTS", None))
+        return int(module.run(cfg, positional) or 0)
+    except (ConfigError, EdgeusError) as e:
+        print(f"edgeus {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nedgeus {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""package: not implemented yet (tracked in issue #8)."""
+from edgeus.errors import EdgeusError
+
+
+def run(cfg, args):
+    raise EdgeusError("'edgeus package' is not implemented yet (issue #8)")

@@ -1,0 +1,6 @@
+"""verify: not implemented yet (tracked in issue #8)."""
+from edgeus.errors import EdgeusError
+
+
+def run(cfg, args):
+    raise EdgeusError("'edgeus verify' is not implemented yet (issue #8)")

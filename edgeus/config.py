@@ -1,0 +1,298 @@
+"""Configuration: one typed schema, config groups and dotted ``key=value`` overrides.
+
+Composition order (later wins)::
+
+    schema defaults  <-  recipes/<recipe>.yaml  <-  data=<name>  <-  targets/<target>.yaml
+                     <-  the recipe's profiles.<profile>  <-  key=value overrides
+
+The schema is an OmegaConf *structured* config built from dataclasses, so a mistyped key or a
+value of the wrong type fails at once, with the valid keys that are closest to the typo.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from edgeus import resources
+from edgeus.decompose.config import DecomposeConfig
+from edgeus.deploy.config import BenchConfig, BuildConfig, PackageConfig, TargetConfig
+from edgeus.distill.config import DistillConfig
+from edgeus.prune.config import PruneConfig
+from edgeus.quantize.config import ExportConfig, QuantizeConfig
+
+
+class ConfigError(ValueError):
+    """A configuration the user gave cannot be used; the message says what to change."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "phantom"            # phantom | busi | tmed2 | folder
+    root: Optional[str] = None       # folder with the images (not needed for phantom)
+    image_size: int = 64
+    in_chans: int = 1                # 1 = grayscale, 3 = grayscale repeated to RGB
+    mean: List[float] = field(default_factory=lambda: [0.5])
+    std: List[float] = field(default_factory=lambda: [0.25])
+    split: List[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
+    seed: int = 0
+    batch_size: int = 32
+    num_workers: int = 0
+    augment: bool = True             # rotation, flip, brightness, scale (train split only)
+    balance: str = "weights"         # weights (class-weighted loss) | sampler | none
+    classes: Optional[List[str]] = None  # keep / order these classes only
+    # phantom
+    n_per_class: int = 100
+    phantom_size: int = 128          # simulated at this size, then resized to image_size
+    # tmed2
+    csv: Optional[str] = None        # labelled-set CSV (default: the only *.csv under root)
+    scheme: str = "as_binary"        # as_binary | as_severity
+    views: Optional[List[str]] = None  # keep these views only (e.g. [PLAX, PSAX])
+
+
+@dataclass
+class ModelConfig:
+    name: str = "simple_cnn"
+    width: float = 1.0
+    pretrained: Optional[str] = None          # path to a state dict (torchvision keys for resnet50/rsmas)
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # architecture-specific arguments
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    schedule: str = "cosine"          # cosine | constant
+    warmup_epochs: int = 0
+    label_smoothing: float = 0.0
+    metric: str = "macro_f1"          # validation metric for the best checkpoint
+    max_steps_per_epoch: Optional[int] = None
+    resume: bool = True               # continue from <out>/last.pt when it exists
+    out: Optional[str] = None         # checkpoint directory (default runs/train-<time>)
+    checkpoint: Optional[str] = None  # start from this checkpoint instead of training from scratch
+    grad_clip: Optional[float] = None
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: Optional[str] = None
+    split: str = "test"
+    out: Optional[str] = None
+    ece_bins: int = 15
+
+
+@dataclass
+class GatesConfig:
+    max_accuracy_drop: float = 0.01
+    max_recall_drop: float = 0.02
+    max_ece_rise: float = 0.05
+    critical_class: Optional[str] = None   # e.g. malignant or AS: named first in messages
+    enforce: bool = True
+
+
+@dataclass
+class RobustnessConfig:
+    enabled: bool = True
+    corruptions: List[str] = field(default_factory=lambda: ["speckle", "gain", "blur", "shadow"])
+    strengths: List[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
+
+
+@dataclass
+class TeacherConfig:
+    checkpoint: Optional[str] = None   # load this teacher instead of training one
+    train: Dict[str, Any] = field(default_factory=dict)  # overrides of train.* for the teacher
+
+
+@dataclass
+class RecipeConfig:
+    name: str = "custom"
+    description: str = ""
+    stages: List[str] = field(default_factory=list)
+    profiles: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EdgeusConfig:
+    seed: int = 0
+    device: str = "cpu"                # cpu | cuda | auto
+    out_dir: str = "runs"
+    profile: Optional[str] = None
+    resume: Optional[str] = None       # compress: continue this run directory
+    stages: Optional[List[str]] = None # compress: run only these stages
+    out: Optional[str] = None          # generic output path for single commands
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    decompose: DecomposeConfig = field(default_factory=DecomposeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    build: BuildConfig = field(default_factory=BuildConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    package: PackageConfig = field(default_factory=PackageConfig)
+    gates: GatesConfig = field(default_factory=GatesConfig)
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
+
+
+GROUP_KEYS = ("recipe", "data", "target", "profile")
+DATASETS = ("phantom", "busi", "tmed2", "folder")
+
+
+def _all_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for k in cfg.keys():
+        full = f"{prefix}{k}"
+        keys.append(full)
+        try:
+            v = cfg._get_node(k)
+        except Exception:  # pragma: no cover
+            continue
+        if isinstance(v, DictConfig) and not v._is_missing() and not v._is_none():
+            if OmegaConf.is_dict(v) and v._metadata.object_type not in (None, dict):
+                keys.extend(_all_keys(v, full + "."))
+    return keys
+
+
+def _explain(err: Exception, schema: DictConfig, key: str, source: str) -> ConfigError:
+    valid = _all_keys(schema)
+    if isinstance(err, ValidationError):
+        return ConfigError(f"{source}: bad value for '{key}': {str(err).splitlines()[0]}")
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    siblings = [k for k in valid if (k.rsplit(".", 1)[0] if "." in k else "") == parent]
+    close = difflib.get_close_matches(key, valid, n=5, cutoff=0.6)
+    msg = f"{source}: unknown key '{key}'."
+    if close:
+        msg += f" Did you mean: {', '.join(close)}?"
+    if siblings:
+        msg += f"\n  Valid keys{' under ' + parent if parent else ''}: {', '.join(sorted(siblings))}"
+    return ConfigError(msg)
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except (ConfigKeyError, ValidationError, OmegaConfBaseException) as e:
+        key = getattr(e, "full_key", None) or getattr(e, "key", None) or str(e)
+        raise _explain(e, base, str(key), source) from None
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        return OmegaConf.load(path)
+    except Exception as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+
+
+def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Positional arguments (paths) and ``key=value`` overrides, in order."""
+    pos, kv = [], []
+    for a in argv:
+        (kv if "=" in a and not a.startswith("=") else pos).append(a)
+    return pos, kv
+
+
+def compose(overrides: list[str] | None = None, defaults: dict | None = None) -> DictConfig:
+    """Build the run configuration from ``key=value`` strings (the CLI's arguments).
+
+    ``defaults`` is a command's own partial config, applied before the recipe.
+    """
+    overrides = list(overrides or [])
+    groups: dict[str, str] = {}
+    dotted: list[str] = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        key = key.strip().lstrip("+")
+        if key in GROUP_KEYS:
+            groups[key] = value.strip()
+        else:
+            dotted.append(f"{key}={value}")
+
+    schema = OmegaConf.structured(EdgeusConfig)
+    cfg = schema
+    if defaults:
+        cfg = _merge(cfg, OmegaConf.create(defaults), "command defaults")
+
+    profiles: dict = {}
+    if "recipe" in groups:
+        try:
+            path = resources.find("recipes", groups["recipe"])
+        except KeyError as e:
+            raise ConfigError(str(e.args[0])) from None
+        recipe = _load_yaml(path)
+        profiles = OmegaConf.to_container(recipe.get("recipe", {}).get("profiles", {}) or {})
+        cfg = _merge(cfg, recipe, f"recipe {path.name}")
+        if not cfg.recipe.name or cfg.recipe.name == "custom":
+            cfg.recipe.name = path.stem
+
+    if "data" in groups:
+        name = groups["data"]
+        if name not in DATASETS:
+            close = difflib.get_close_matches(name, DATASETS, n=2)
+            raise ConfigError(
+                f"unknown dataset data={name}."
+                + (f" Did you mean {', '.join(close)}?" if close else "")
+                + f" Available: {', '.join(DATASETS)}"
+            )
+        cfg.data.name = name
+
+    if "target" in groups:
+        try:
+            path = resources.find("targets", groups["target"])
+        except KeyError as e:
+            raise ConfigError(str(e.args[0])) from None
+        tgt = _load_yaml(path)
+        cfg = _merge(cfg, OmegaConf.create({"target": tgt}), f"target {path.name}")
+        if not cfg.target.name:
+            cfg.target.name = path.stem
+
+    if "profile" in groups:
+        name = groups["profile"]
+        if name not in profiles:
+            raise ConfigError(
+                f"recipe {cfg.recipe.name!r} has no profile {name!r}; "
+                f"available: {', '.join(profiles) or '(none)'}"
+            )
+        cfg.profile = name
+        cfg = _apply_dotted(cfg, [f"{k}={_yaml_value(v)}" for k, v in profiles[name].items()],
+                            f"profile {name}")
+
+    cfg = _apply_dotted(cfg, dotted, "command line")
+    return cfg
+
+
+def _yaml_value(v: Any) -> str:
+    import json
+
+    return json.dumps(v) if not isinstance(v, str) else v
+
+
+def _apply_dotted(cfg: DictConfig, dotted: list[str], source: str) -> DictConfig:
+    for item in dotted:
+        key = item.split("=", 1)[0]
+        try:
+            patch = OmegaConf.from_dotlist([item])
+        except Exception as e:
+            raise ConfigError(f"{source}: cannot parse '{item}': {e}") from None
+        cfg = _merge(cfg, patch, source)
+        # a dotted key whose value is a dict merged silently; check the leaf exists
+        del key
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def save(cfg: DictConfig, path: str | Path) -> None:
+    Path(path).write_text(to_yaml(cfg))

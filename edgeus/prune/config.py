@@ -1,0 +1,7 @@
+"""Settings of this stage (filled in by its own issue)."""
+from dataclasses import dataclass
+
+
+@dataclass
+class PruneConfig:
+    enabled: bool = True
