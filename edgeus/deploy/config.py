@@ -1,6 +1,18 @@
-"""Settings of deployment targets and of the build, bench and package stages."""
+"""Settings of deployment targets and of the build, bench and package stages.
+
+A target file (``targets/<name>.yaml``) is loaded under ``cfg.target`` by ``target=<name>``. The
+schema below is strict: a mistyped key in a target file or on the command line fails at once.
+"""
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
+
+
+@dataclass
+class BatchProfile:
+    """TensorRT optimisation profile over the batch dimension (all other dims are static)."""
+    min: int = 1
+    opt: int = 1
+    max: int = 8
 
 
 @dataclass
@@ -8,20 +20,55 @@ class TargetConfig:
     name: str = "cpu"
     description: str = ""
     backend: str = "onnxruntime"          # onnxruntime | tensorrt
-    # Q/DQ layout the quantiser must produce for this target (see targets/*.yaml)
+    compute_capability: Optional[str] = None   # "8.7" (SM version of the GPU); None for CPU
+    jetpack: Optional[str] = None         # JetPack range, e.g. ">=6.1,<7"; None = not a Jetson
+    tensorrt: Optional[str] = None        # TensorRT version range, e.g. ">=10.3,<11"
+    dla_cores: int = 0                    # DLA cores the module is expected to have (checked on device)
+    sparse_weights: bool = False          # 2:4 structured sparsity worth enabling on this GPU
+    precision: str = "int8"               # int8 | fp16 | fp32 (what the engine/model runs at)
+    fp16: bool = True                     # allow FP16 for layers left unquantised (non strongly-typed builds)
+    workspace_mb: int = 1024              # builder workspace memory pool
+    builder_optimization_level: int = 3  # TensorRT 0..5 (3 = TensorRT's default)
+    batch: BatchProfile = field(default_factory=BatchProfile)
+    # Q/DQ layout the quantiser must produce for this target (see targets/*.yaml): layout,
+    # activation_type, weight_type, activation_symmetric, weight_symmetric, per_channel,
+    # quantize_bias, add_qdq_pair_to_weight, dedicated_qdq_pair, opset
     quant: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class BuildConfig:
     enabled: bool = True
+    dla_core: Optional[int] = None        # build for this DLA core (GPU fallback on); None = GPU
+    strongly_typed: Optional[bool] = None  # None = auto (TensorRT >= 10 and a Q/DQ model)
+    timing_cache: Optional[str] = None    # path of the timing cache to reuse/save (default <out>/timing.cache)
+    name: Optional[str] = None            # engine base name (default: the ONNX file's stem)
+    input_name: Optional[str] = None      # input tensor for the batch profile (default: the first input)
+    strict: bool = True                   # fail the build when the TensorRT compatibility check fails
 
 
 @dataclass
 class BenchConfig:
-    backend: str = "onnxruntime"
+    backend: str = "onnxruntime"          # onnxruntime | torch | tensorrt | auto
+    device: str = "cpu"                   # cpu | cuda (torch, onnxruntime providers)
+    providers: Optional[List[str]] = None  # onnxruntime providers (default: best available for device)
+    fp16: bool = False                    # torch: run in half precision (cuda)
+    warmup: int = 10
+    iters: int = 100
+    batch_sizes: List[int] = field(default_factory=lambda: [1])
+    image_size: Optional[int] = None      # input H=W when the model does not fix it
+    in_chans: Optional[int] = None
+    compare: Optional[bool] = None        # None = compare when two or more models are given
+    threads: Optional[int] = None         # intra-op threads (onnxruntime / torch)
+    tegrastats_interval_ms: int = 100     # Jetson power sampling period
+    markdown: bool = True                 # also write <out>.md next to the JSON
 
 
 @dataclass
 class PackageConfig:
     out: Optional[str] = None
+    golden: int = 4                       # number of golden inputs with expected outputs
+    atol: float = 1e-3                    # tolerance of golden outputs (FP32 ONNX)
+    int8_atol: float = 5e-2               # tolerance of golden outputs (INT8 ONNX / engines, probs)
+    tar: bool = True                      # also write <out>.tar.gz
+    include_checkpoint: bool = False      # also ship the student checkpoint (.pt)
