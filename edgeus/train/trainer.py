@@ -1,0 +1,226 @@
+"""Training loop shared by teacher training, distillation and every fine-tuning step.
+
+``fit`` trains any *trainable* with the mdistiller shape: ``.student`` (the model that is
+evaluated and saved) and ``.forward_train(batch) -> (logits, {loss_name: tensor})``; the losses
+are summed. :class:`Supervised` is the plain (weighted cross-entropy) trainable; the distillers
+in :mod:`edgeus.distill` have the same shape.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from edgeus.evaluate import compute_metrics, predict_torch
+from edgeus.train import distributed as D
+from edgeus.train.checkpoint import atomic_save, save_checkpoint
+
+log = logging.getLogger("edgeus.train")
+
+
+class Supervised(nn.Module):
+    """Weighted cross-entropy on the model's logits, plus the model's own auxiliary losses
+    (``model.auxiliary_loss(batch)``, e.g. the two-stage network's segmentation loss)."""
+
+    def __init__(self, model: nn.Module, class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0):
+        super().__init__()
+        self.student = model
+        self.register_buffer("class_weights", class_weights.float() if class_weights is not None else None)
+        self.label_smoothing = label_smoothing
+
+    def forward_train(self, batch: dict):
+        logits = self.student(batch["image"])
+        losses = {"ce": F.cross_entropy(logits, batch["label"], weight=self.class_weights,
+                                        label_smoothing=self.label_smoothing)}
+        aux = getattr(self.student, "auxiliary_loss", None)
+        if callable(aux):
+            losses.update(aux(batch))
+        return logits, losses
+
+    forward = forward_train
+
+
+class _DDPForward(nn.Module):
+    """DDP calls ``forward``; route it to the trainable's ``forward_train``."""
+
+    def __init__(self, trainable):
+        super().__init__()
+        self.trainable = trainable
+
+    def forward(self, batch):
+        return self.trainable.forward_train(batch)
+
+
+@dataclass
+class FitResult:
+    best_path: Path | None
+    last_path: Path | None
+    best_metrics: dict
+    history: list = field(default_factory=list)
+    model: nn.Module | None = None
+    best_epoch: int = -1
+
+
+def metric_value(metrics: dict, name: str) -> float:
+    if name.startswith("recall:"):
+        return float(metrics["recall"][name.split(":", 1)[1]])
+    if name == "ece":
+        return -float(metrics["ece"])
+    v = metrics.get(name)
+    if v is None:
+        if name == "auc":
+            return float(metrics["accuracy"])
+        raise KeyError(f"unknown validation metric {name!r}; use accuracy, macro_f1, auc, ece or recall:<class>")
+    return float(v)
+
+
+def _to(batch: dict, device: str) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def fit(trainable, loaders: dict, train_cfg, out_dir: str | Path | None, *, classes, preprocessing,
+        device: str = "cpu", config_yaml: str | None = None, desc: str = "train", seed: int = 0,
+        epochs: int | None = None, lr: float | None = None) -> FitResult:
+    """Train, validate each epoch on ``loaders['val']``, keep the best student (in memory and on disk)."""
+    torch.manual_seed(seed)
+    epochs = int(train_cfg.epochs if epochs is None else epochs)
+    lr = float(train_cfg.lr if lr is None else lr)
+    out = Path(out_dir) if out_dir else None
+    trainable.to(device)
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    if train_cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=float(train_cfg.weight_decay))
+    elif train_cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=float(train_cfg.weight_decay), nesterov=True)
+    else:
+        raise ValueError(f"train.optimizer={train_cfg.optimizer}: use adamw or sgd")
+    steps_per_epoch = len(loaders["train"])
+    if train_cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, int(train_cfg.max_steps_per_epoch))
+    total = max(1, epochs * steps_per_epoch)
+    warm = int(train_cfg.warmup_epochs) * steps_per_epoch
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if train_cfg.schedule == "constant":
+            return 1.0
+        t = (step - warm) / max(1, total - warm)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    start_epoch, history, best, best_state, best_epoch = 0, [], -math.inf, None, -1
+    last_path = out / "last.pt" if out else None
+    if out and train_cfg.resume and last_path.is_file():
+        state = torch.load(last_path, map_location="cpu", weights_only=True)
+        if state.get("desc") == desc and state.get("arch") == getattr(trainable.student, "edgeus_arch", None):
+            trainable.load_state_dict(state["trainable"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            start_epoch, history, best, best_epoch = state["epoch"] + 1, state["history"], state["best"], state["best_epoch"]
+            best_state = state.get("best_state")
+            if D.is_main():
+                log.info("resuming %s from %s at epoch %d/%d", desc, last_path, start_epoch + 1, epochs)
+    model = _DDPForward(trainable)
+    if D.active():
+        model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    best_metrics = history[best_epoch]["val"] if 0 <= best_epoch < len(history) else {}
+    for epoch in range(start_epoch, epochs):
+        t0 = time.time()
+        trainable.train()
+        for ds_key in ("train",):
+            ds = loaders[ds_key].dataset
+            if hasattr(ds, "set_epoch"):
+                ds.set_epoch(epoch)
+            if hasattr(loaders[ds_key].sampler, "set_epoch"):
+                loaders[ds_key].sampler.set_epoch(epoch)
+        totals: dict[str, float] = {}
+        correct = seen = 0
+        bar = tqdm(loaders["train"], total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{epochs}", leave=False,
+                   disable=not D.is_main(), dynamic_ncols=True)
+        for step, batch in enumerate(bar):
+            if step >= steps_per_epoch:
+                break
+            batch = _to(batch, device)
+            logits, losses = model(batch)
+            loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1} step {step} "
+                                         f"({ {k: float(v) for k, v in losses.items()} }); lower train.lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if train_cfg.grad_clip:
+                nn.utils.clip_grad_norm_(params, float(train_cfg.grad_clip))
+            opt.step()
+            sched.step()
+            for k, v in losses.items():
+                totals[k] = totals.get(k, 0.0) + float(v.detach())
+            correct += int((logits.argmax(1) == batch["label"]).sum())
+            seen += len(batch["label"])
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{correct / max(seen, 1):.3f}")
+        n = max(1, min(steps_per_epoch, step + 1))
+        row = {"epoch": epoch + 1, "loss": {k: v / n for k, v in totals.items()},
+               "train_acc": correct / max(seen, 1), "lr": sched.get_last_lr()[0]}
+        if D.is_main():
+            y, p = predict_torch(trainable.student, loaders["val"], device)
+            val = compute_metrics(y, p, classes)
+            row["val"] = val
+            row["seconds"] = round(time.time() - t0, 2)
+            score = metric_value(val, train_cfg.metric)
+            improved = score > best
+            if improved:
+                best, best_epoch, best_metrics = score, epoch, val
+                best_state = {k: v.detach().cpu().clone() for k, v in trainable.student.state_dict().items()}
+                if out:
+                    save_checkpoint(out / "best.pt", trainable.student, classes=classes, preprocessing=preprocessing,
+                                    config=config_yaml, metrics={"val": val, "epoch": epoch + 1})
+            history.append(row)
+            log.info("%s epoch %d/%d  loss %.4f  train acc %.3f  val acc %.3f  val %s %.4f%s", desc, epoch + 1, epochs,
+                     sum(row["loss"].values()), row["train_acc"], val["accuracy"], train_cfg.metric,
+                     metric_value(val, train_cfg.metric), "  *best*" if improved else "")
+            if out:
+                atomic_save({"desc": desc, "arch": getattr(trainable.student, "edgeus_arch", None),
+                             "trainable": trainable.state_dict(), "optimizer": opt.state_dict(),
+                             "scheduler": sched.state_dict(), "epoch": epoch, "history": history, "best": best,
+                             "best_epoch": best_epoch, "best_state": best_state}, last_path)
+        D.barrier()
+    if best_state is not None and D.is_main():
+        trainable.student.load_state_dict(best_state)
+    if D.active():
+        for t in trainable.student.state_dict().values():
+            torch.distributed.broadcast(t, src=0)
+    trainable.student.eval()
+    return FitResult(best_path=(out / "best.pt") if out else None, last_path=last_path, best_metrics=best_metrics,
+                     history=history, model=trainable.student, best_epoch=best_epoch + 1)
+
+
+def finetune(model: nn.Module, bundle, cfg, *, teacher: nn.Module | None = None, epochs: int | None = None,
+             out_dir: str | Path | None = None, device: str = "cpu", desc: str = "finetune",
+             lr: float | None = None) -> tuple[nn.Module, FitResult]:
+    """Fine-tune a (pruned, decomposed, quantisation-aware...) model: plain weighted CE, or with the
+    teacher's knowledge through :func:`edgeus.distill.build_distiller` and ``cfg.distill``."""
+    from edgeus.data import build_loaders
+
+    weights = bundle.class_weights() if cfg.data.balance == "weights" else None
+    if teacher is not None:
+        from edgeus.distill import build_distiller
+
+        trainable = build_distiller(model, teacher, cfg.distill, class_weights=weights)
+    else:
+        trainable = Supervised(model, weights, float(cfg.train.label_smoothing))
+    loaders = build_loaders(bundle, cfg.data)
+    tcfg = copy.deepcopy(cfg.train)
+    result = fit(trainable, loaders, tcfg, out_dir, classes=bundle.classes, preprocessing=bundle.preprocessing,
+                 device=device, desc=desc, seed=int(cfg.seed), epochs=epochs, lr=lr)
+    close = getattr(trainable, "close", None)
+    if callable(close):
+        close()
+    return result.model, result
