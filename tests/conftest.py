@@ -1,0 +1,21 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def small_cfg():
+    from edgeus.config import compose
+
+    return compose(["data.n_per_class=24", "data.image_size=32", "data.phantom_size=64", "data.batch_size=16",
+                    "model.name=simple_cnn", "model.width=0.25", "train.epochs=1"])
+
+
+@pytest.fixture(scope="session")
+def small_bundle(small_cfg):
+    from edgeus.data import build_datasets
+
+    return build_datasets(small_cfg.data)

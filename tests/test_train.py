@@ -1,0 +1,98 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from edgeus.config import compose
+from edgeus.errors import CheckpointError
+from edgeus.models import create_model
+from edgeus.train.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from edgeus.train.run import train_from_config
+
+
+def test_training_beats_chance_on_the_phantom(tmp_path):
+    cfg = compose(["data.n_per_class=60", "data.image_size=32", "data.phantom_size=64", "model.name=simple_cnn",
+                   "model.width=0.5", "train.epochs=8", "train.lr=3e-3", "seed=0"])
+    result, bundle = train_from_config(cfg, tmp_path / "run")
+    from edgeus.data import build_loaders
+    from edgeus.evaluate import evaluate_model
+
+    m = evaluate_model(result.model, build_loaders(bundle, cfg.data)["test"], bundle.classes)
+    assert m["accuracy"] > 0.6          # chance is 1/3
+    assert (tmp_path / "run" / "best.pt").is_file() and (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_checkpoint_round_trip_is_exact_and_weights_only(tmp_path, small_bundle):
+    model = create_model("simple_cnn", num_classes=3, in_chans=1, width=0.25).eval()
+    path = save_checkpoint(tmp_path / "m.pt", model, classes=small_bundle.classes,
+                           preprocessing=small_bundle.preprocessing, config="a: 1", metrics={"acc": 0.5})
+    raw = torch.load(path, weights_only=True)         # plain data: no pickled objects
+    assert raw["arch"]["name"] == "simple_cnn"
+    loaded, ckpt = load_checkpoint(path)
+    x = torch.randn(2, 1, 32, 32)
+    assert torch.equal(model(x), loaded(x))
+    assert ckpt["classes"] == small_bundle.classes and ckpt["preprocessing"]["image_size"] == 32
+
+
+def test_checkpoint_from_another_architecture_is_refused(tmp_path):
+    a = create_model("simple_cnn", num_classes=3, in_chans=1, width=0.25)
+    path = save_checkpoint(tmp_path / "a.pt", a, classes=list("abc"), preprocessing={})
+    raw = read_checkpoint(path)
+    raw["arch"]["width"] = 0.5                           # claims another shape than its weights
+    torch.save(raw, tmp_path / "b.pt")
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_checkpoint(tmp_path / "b.pt")
+    with pytest.raises(CheckpointError, match="holds a 'simple_cnn'"):
+        load_checkpoint(path, expect_arch="resnet50")
+
+
+def test_pickled_or_foreign_files_are_refused(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"w": torch.zeros(1)}, tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="not an edgeus checkpoint"):
+        load_checkpoint(tmp_path / "plain.pt")
+
+
+def test_training_resumes_from_last_epoch(tmp_path):
+    args = ["data.n_per_class=12", "data.image_size=32", "data.phantom_size=64", "model.width=0.25",
+            "train.lr=1e-3"]
+    r1, _ = train_from_config(compose(args + ["train.epochs=2"]), tmp_path)
+    r2, _ = train_from_config(compose(args + ["train.epochs=3"]), tmp_path)
+    assert [h["epoch"] for h in r2.history] == [1, 2, 3]
+    assert r2.history[:2] == r1.history          # the first two epochs were loaded, not re-trained
+
+
+def test_cli_train_and_eval(tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    common = ["data.n_per_class=12", "data.image_size=32", "data.phantom_size=64"]
+    out = tmp_path / "cli"
+    r = subprocess.run([sys.executable, "-m", "edgeus.cli", "train", "model.width=0.25", "train.epochs=1",
+                        f"train.out={out}", *common], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "macro-F1" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "edgeus.cli", "eval", str(out / "best.pt"), *common,
+                        f"eval.out={tmp_path / 'm.json'}"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert {"accuracy", "macro_f1", "per_class", "auc", "ece", "confusion"} <= set(m)
+    r = subprocess.run([sys.executable, "-m", "edgeus.cli", "train", "train.epoch=1"], capture_output=True, text=True)
+    assert r.returncode == 2 and "train.epochs" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_data_parallel_training_with_two_gloo_processes(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           "-m", "edgeus.cli", "train", "data.n_per_class=12", "data.image_size=32", "data.phantom_size=64",
+           "model.width=0.25", "train.epochs=2", f"train.out={out}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    hist = json.loads((out / "history.json").read_text())
+    assert len(hist) == 2
+    model, _ = load_checkpoint(out / "best.pt")
+    assert model(torch.randn(1, 1, 32, 32)).shape == (1, 3)
