@@ -1,0 +1,277 @@
+"""``edgeus bench``: latency, throughput and memory of models on a backend; ``compare`` gives ratios.
+
+Machines are noisy, so the numbers we trust are ratios measured in one process: in compare mode
+the models' iterations are interleaved (A, B, B, A, ... with the order rotated every iteration) and
+each model's latency is reported with its ratio to the first model (the baseline), both as a
+ratio of medians and as the median of per-iteration paired ratios.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeus.deploy.runners import make_runner
+from edgeus.deploy.runners.base import BaseRunner
+from edgeus.errors import EdgeusError
+
+log = logging.getLogger(__name__)
+SCHEMA = "edgeus-bench/1"
+
+
+def latency_stats(seconds: list[float], batch: int) -> dict[str, float]:
+    ms = np.asarray(seconds, dtype=np.float64) * 1e3
+    mean = float(ms.mean())
+    return {"n": int(ms.size), "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
+            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": mean, "std_ms": float(ms.std()),
+            "min_ms": float(ms.min()), "throughput_ips": float(batch * 1e3 / mean) if mean > 0 else float("nan")}
+
+
+def environment() -> dict[str, Any]:
+    from edgeus import __version__
+    from edgeus.deploy import tegrastats
+    from edgeus.deploy.device_probe import cuda_device, jetson_info
+
+    env: dict[str, Any] = {"edgeus": __version__, "python": platform.python_version(),
+                           "platform": platform.platform(), "machine": platform.machine(),
+                           "cpu_count": os.cpu_count()}
+    try:
+        import onnxruntime as ort
+
+        env["onnxruntime"] = ort.__version__
+        env["onnxruntime_providers"] = ort.get_available_providers()
+    except ImportError:  # pragma: no cover
+        pass
+    if "torch" in sys.modules:
+        env["torch"] = sys.modules["torch"].__version__
+    dev = cuda_device()
+    if dev:
+        env.update(dev)
+    jet = jetson_info()
+    if jet:
+        env["jetson"] = jet
+        env["clock_state"] = tegrastats.clock_state()
+    return env
+
+
+def _label(paths: list[Path]) -> list[str]:
+    names = [p.name for p in paths]
+    out = []
+    for p, n in zip(paths, names):
+        out.append(f"{p.parent.name}/{n}" if names.count(n) > 1 else n)
+    if len(set(out)) < len(out):
+        out = [f"{i}:{n}" for i, n in enumerate(out)]
+    return out
+
+
+def _input_for(runner: BaseRunner, batch: int, bcfg, rng) -> tuple[dict[str, np.ndarray] | None, str | None]:
+    feed = {}
+    for name, (dtype, shape) in runner.input_metadata().items():
+        shape = list(shape or [])
+        if not shape:
+            raise EdgeusError(f"{runner.name}: input {name} has no shape")
+        if isinstance(shape[0], int) and shape[0] > 0 and shape[0] != batch:
+            return None, f"{runner.name}: static batch {shape[0]}, batch {batch} skipped"
+        dims = [batch]
+        for i, d in enumerate(shape[1:], start=1):
+            if isinstance(d, int) and d > 0:
+                dims.append(d)
+            elif i == 1 and bcfg.in_chans:
+                dims.append(int(bcfg.in_chans))
+            elif i >= 2 and bcfg.image_size:
+                dims.append(int(bcfg.image_size))
+            else:
+                raise EdgeusError(f"{runner.name}: input {name} dimension {i} is dynamic; set bench.image_size "
+                                  "and bench.in_chans")
+        feed[name] = rng.standard_normal(dims).astype(dtype or np.float32)
+    return feed, None
+
+
+def bench(paths: list, cfg, *, out: str | Path | None = None) -> dict[str, Any]:
+    """Benchmark the models at ``paths`` with ``cfg.bench``; compare (ratios) when 2+ models are given.
+
+    Writes ``out`` (JSON) and ``out`` with suffix ``.md`` when ``out`` is given. Returns the results.
+    """
+    bcfg = cfg.bench
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise EdgeusError("bench needs at least one model path (.onnx, .pt or .engine)")
+    for p in paths:
+        if not p.exists():
+            raise EdgeusError(f"model not found: {p}")
+    compare = bool(bcfg.compare) if bcfg.compare is not None else len(paths) > 1
+    if compare and len(paths) < 2:
+        raise EdgeusError("bench.compare=true needs two or more models")
+    if bcfg.iters < 1 or bcfg.warmup < 0:
+        raise EdgeusError("bench.iters must be >= 1 and bench.warmup >= 0")
+    batch_sizes = [int(b) for b in bcfg.batch_sizes] or [1]
+
+    labels = _label(paths)
+    runners = [make_runner(p, bcfg, name=n) for p, n in zip(paths, labels)]
+    warnings: list[str] = []
+    env = environment()
+    cs = env.get("clock_state")
+    if cs and cs.get("warning"):
+        warnings.append(cs["warning"])
+    rng = np.random.default_rng(int(getattr(cfg, "seed", 0) or 0))
+    models = [{"name": r.name, "path": str(p), "batches": {}} for r, p in zip(runners, paths)]
+    paired: dict[tuple[int, int], list[float]] = {}
+
+    try:
+        for r in runners:
+            r.activate()
+        for m, r in zip(models, runners):
+            m.update(r.describe())
+        for b in batch_sizes:
+            feeds = []
+            for r in runners:
+                feed, why = _input_for(r, b, bcfg, rng)
+                if why:
+                    warnings.append(why)
+                feeds.append(feed)
+            active = [i for i, f in enumerate(feeds) if f is not None]
+            if not active:
+                continue
+            for i in active:
+                for _ in range(int(bcfg.warmup)):
+                    runners[i].infer(feeds[i], check_inputs=False)
+                runners[i].infer(feeds[i], check_inputs=True)   # one checked call
+            times: dict[int, list[float]] = {i: [] for i in active}
+            if compare:
+                for it in range(int(bcfg.iters)):
+                    k = it % len(active)
+                    for i in active[k:] + active[:k]:       # rotate the order every iteration
+                        runners[i].infer(feeds[i], check_inputs=False)
+                        times[i].append(runners[i].last_inference_time)
+                    if it % 10 == 0:
+                        for i in active:
+                            runners[i].sample_memory()
+            else:
+                for i in active:
+                    for it in range(int(bcfg.iters)):
+                        runners[i].infer(feeds[i], check_inputs=False)
+                        times[i].append(runners[i].last_inference_time)
+                        if it % 10 == 0:
+                            runners[i].sample_memory()
+            for i in active:
+                models[i]["batches"][str(b)] = latency_stats(times[i], b)
+            if compare and active and active[0] == 0:
+                base = np.asarray(times[0])
+                for i in active[1:]:
+                    paired[(i, b)] = list(base / np.asarray(times[i]))
+            _power(runners, feeds, active, b, bcfg, models)
+        for m, r in zip(models, runners):
+            m["memory"] = r.memory()
+    finally:
+        for r in runners:
+            r.deactivate()
+
+    results: dict[str, Any] = {
+        "schema": SCHEMA, "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "mode": "compare" if compare else "single",
+        "settings": {"backend": bcfg.backend, "device": bcfg.device, "warmup": int(bcfg.warmup),
+                     "iters": int(bcfg.iters), "batch_sizes": batch_sizes, "threads": bcfg.threads,
+                     "fp16": bool(bcfg.fp16), "interleaved": compare},
+        "env": env, "models": models, "warnings": warnings,
+    }
+    if compare:
+        results["compare"] = ratios(models, paired)
+    if out:
+        write_results(results, out, markdown=bool(getattr(bcfg, "markdown", True)))
+    return results
+
+
+def _power(runners, feeds, active, b, bcfg, models) -> None:
+    from edgeus.deploy import tegrastats
+
+    if not tegrastats.available():
+        return
+    import time
+
+    for i in active:
+        n, t_end = 0, time.perf_counter() + max(2.0, 5 * bcfg.tegrastats_interval_ms / 1e3)
+        with tegrastats.Tegrastats(bcfg.tegrastats_interval_ms) as ts:
+            while time.perf_counter() < t_end or n < int(bcfg.iters):
+                runners[i].infer(feeds[i], check_inputs=False)
+                n += 1
+        s = ts.summary(n * b)
+        if s:
+            models[i]["batches"][str(b)]["power"] = s
+
+
+def ratios(models: list[dict], paired: dict[tuple[int, int], list[float]]) -> dict[str, Any]:
+    base = models[0]
+    rows = []
+    for i, m in enumerate(models[1:], start=1):
+        for b, st in m["batches"].items():
+            bs = base["batches"].get(b)
+            if not bs:
+                continue
+            pr = paired.get((i, int(b)))
+            rows.append({"model": m["name"], "batch": int(b),
+                         "speedup_p50": bs["p50_ms"] / st["p50_ms"],
+                         "speedup_mean": bs["mean_ms"] / st["mean_ms"],
+                         "paired_median_speedup": float(np.median(pr)) if pr else None,
+                         "throughput_ratio": st["throughput_ips"] / bs["throughput_ips"]})
+    return {"baseline": base["name"], "note": "speedup = baseline latency / model latency (>1: faster than baseline)",
+            "ratios": rows}
+
+
+def to_markdown(results: dict[str, Any]) -> str:
+    env = results.get("env", {})
+    lines = [f"# edgeus bench ({results['mode']})", "",
+             f"- created: {results['created']}",
+             f"- machine: {env.get('platform')} ({env.get('cpu_count')} CPUs)"
+             + (f", GPU {env['gpu']} (SM {env.get('compute_capability')})" if env.get("gpu") else ""),
+             f"- onnxruntime {env.get('onnxruntime', '-')}" + (f", torch {env['torch']}" if env.get("torch") else ""),
+             f"- settings: " + ", ".join(f"{k}={v}" for k, v in results["settings"].items()), ""]
+    comp = {(r["model"], r["batch"]): r for r in results.get("compare", {}).get("ratios", [])}
+    head = "| model | backend | batch | p50 ms | p90 ms | p99 ms | mean ms | img/s |"
+    sep = "|---|---|---:|---:|---:|---:|---:|---:|"
+    if comp or results["mode"] == "compare":
+        head += " speedup (p50) | paired speedup |"
+        sep += "---:|---:|"
+    lines += [head, sep]
+    for m in results["models"]:
+        for b, st in m["batches"].items():
+            row = (f"| {m['name']} | {m.get('backend', '')} | {b} | {st['p50_ms']:.3f} | {st['p90_ms']:.3f} | "
+                   f"{st['p99_ms']:.3f} | {st['mean_ms']:.3f} | {st['throughput_ips']:.1f} |")
+            if results["mode"] == "compare":
+                r = comp.get((m["name"], int(b)))
+                if r:
+                    ps = r["paired_median_speedup"]
+                    row += f" {r['speedup_p50']:.2f}x | {ps:.2f}x |" if ps else f" {r['speedup_p50']:.2f}x | - |"
+                else:
+                    row += " 1.00x (baseline) | - |"
+            lines.append(row)
+    mem = [(m["name"], m.get("memory", {})) for m in results["models"]]
+    if any(v for _, v in mem):
+        lines += ["", "| model | memory |", "|---|---|"]
+        lines += [f"| {n} | " + ", ".join(f"{k}={v}" for k, v in v.items()) + " |" for n, v in mem]
+    power = [(m["name"], b, st["power"]) for m in results["models"] for b, st in m["batches"].items() if "power" in st]
+    if power:
+        lines += ["", "| model | batch | mean power mW | energy/inference mJ |", "|---|---:|---:|---:|"]
+        lines += [f"| {n} | {b} | {p['mean_power_mw']} | {p.get('energy_per_inference_mj', '-')} |" for n, b, p in power]
+    if results.get("warnings"):
+        lines += [""] + [f"> warning: {w}" for w in results["warnings"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: dict[str, Any], out: str | Path, *, markdown: bool = True) -> tuple[Path, Path | None]:
+    out = Path(out)
+    if out.suffix != ".json":
+        out = out.with_suffix(out.suffix + ".json") if out.suffix else out.with_suffix(".json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=float) + "\n")
+    md = None
+    if markdown:
+        md = out.with_suffix(".md")
+        md.write_text(to_markdown(results))
+    return out, md
