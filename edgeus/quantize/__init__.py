@@ -1,0 +1,27 @@
+"""ONNX export and INT8 quantisation (calibration sets, target-aware Q/DQ, accuracy-aware fallback, QAT).
+
+    from edgeus.quantize import export_onnx, quantize_onnx, check_tensorrt_qdq
+
+Imports are lazy: ``edgeus.config`` imports this package for its dataclasses, and onnxruntime /
+onnx load only when a function is used.
+"""
+from __future__ import annotations
+
+import importlib
+
+_API = {
+    "export_onnx": "edgeus.quantize.export",
+    "quantize_onnx": "edgeus.quantize.ptq",
+    "check_tensorrt_qdq": "edgeus.quantize.checker",
+    "QDQLayout": "edgeus.quantize.qdq",
+    "load_spec": "edgeus.quantize.calibration",
+    "build_calibration_set": "edgeus.quantize.calibration",
+    "qat_quantize": "edgeus.quantize.qat",
+}
+__all__ = list(_API)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'edgeus.quantize' has no attribute {name!r}")
