@@ -1,6 +1,67 @@
-"""quantize: not implemented yet (tracked in issue #7)."""
-from edgeus.errors import EdgeusError
+"""INT8 quantisation of an ONNX model for a target: calibrated Q/DQ, accuracy-checked, with fallback.
+
+    edgeus quantize student.onnx target=cpu                      # uint8/int8 Q/DQ for ONNX Runtime
+    edgeus quantize student.onnx target=jetson_orin_nano         # symmetric int8 Q/DQ for TensorRT
+    edgeus quantize student.onnx quantize.calibration=balanced_256 quantize.method=percentile
+    edgeus quantize student.onnx quantize.checkpoint=student.pt quantize.qat=auto
+
+The Q/DQ layout comes from the target file (targets/<name>.yaml, quant:), never the recipe.
+Calibration images come from the train split only (calibration/<spec>.yaml: size, balance, seed,
+method); their file list and hash are written next to the output. INT8 is compared with FP32 on the
+val split; when accuracy drops more than quantize.max_accuracy_drop or any class's recall more than
+quantize.max_recall_drop, the most sensitive nodes are kept in floating point (fallback), then
+QAT runs (quantize.qat=auto|true|false, needs quantize.checkpoint=). A TensorRT-bound model is
+checked against TensorRT's Q/DQ rules and gets a calibration.cache for implicit-quantisation users.
+Data: the checkpoint's classes/preprocessing when given, else the ONNX metadata.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+USAGE = "<model.onnx> [target=<name>] [quantize.out=...] [quantize.checkpoint=student.pt] [key=value ...]"
 
 
 def run(cfg, args):
-    raise EdgeusError("'edgeus quantize' is not implemented yet (issue #7)")
+    from edgeus.data import build_datasets
+    from edgeus.errors import EdgeusError
+    from edgeus.quantize.export import read_metadata
+    from edgeus.quantize.ptq import quantize_onnx
+
+    if len(args) != 1:
+        raise EdgeusError(f"edgeus quantize takes one ONNX model, got {len(args)}: {args}")
+    src = Path(args[0])
+    if not src.is_file():
+        raise EdgeusError(f"ONNX model not found: {src}")
+    model = None
+    meta = read_metadata(src)
+    pre, classes = meta.get("edgeus.preprocessing") or {}, meta.get("edgeus.classes") or []
+    if cfg.quantize.checkpoint:
+        from edgeus.train.checkpoint import load_checkpoint
+
+        model, ckpt = load_checkpoint(cfg.quantize.checkpoint)
+        pre, classes = ckpt.get("preprocessing") or pre, ckpt.get("classes") or classes
+    if pre:
+        cfg.data.image_size, cfg.data.in_chans = int(pre["image_size"]), int(pre["in_chans"])
+        cfg.data.mean, cfg.data.std = list(pre["mean"]), list(pre["std"])
+    if classes:
+        cfg.data.classes = list(classes)
+    bundle = build_datasets(cfg.data)
+    out = Path(cfg.quantize.out or cfg.out or src.with_name(src.stem + ".int8.onnx"))
+    r = quantize_onnx(src, out, cfg, bundle, model=model)
+    out.with_suffix(".quantize.json").write_text(json.dumps(r, indent=2, default=str))
+    f, q = r["metrics"]["fp32"], r["metrics_final"]
+    print(f"wrote {out} ({r['layout']['layout']} layout, {r['method']}; {r['bytes']['fp32'] / 1e6:.2f} MB -> "
+          f"{r['bytes']['int8'] / 1e6:.2f} MB)")
+    print(f"calibration: {r['calibration']['n']} train images ({r['calibration']['spec']['method']}), "
+          f"sha256 {r['calibration']['sha256'][:16]}, list {r['calibration']['file_list']}")
+    print(f"{r['eval_split']}: accuracy {f['accuracy']:.4f} -> {q['accuracy']:.4f}; recall "
+          + ", ".join(f"{c} {f['recall'][c]:.3f} -> {q['recall'][c]:.3f}" for c in f["recall"]))
+    if r["excluded_nodes"]:
+        print("kept in floating point: " + ", ".join(f"{e['node']} ({e['op_type']})" for e in r["excluded_nodes"]))
+    print("within tolerance" if r["within_tolerance"] else
+          f"OUTSIDE tolerance (accuracy drop {r['final_check']['accuracy_drop']:.4f}, worst recall drop "
+          f"{r['final_check']['worst_recall_drop']:.4f} on {r['final_check']['worst_class']})")
+    if r["layout"]["layout"] == "tensorrt":
+        print(f"TensorRT Q/DQ check: OK; calibration cache {r['calibration']['tensorrt_cache']}")
+    return 0 if r["within_tolerance"] else 1

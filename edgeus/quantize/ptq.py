@@ -175,10 +175,9 @@ def quantize_onnx(fp32_onnx, out_path, cfg, bundle, teacher_onnx=None, *, model=
         final_m, final_chk, method_used = res["metrics"], res["check"], "ptq+fallback"
         report["metrics"]["int8_fallback"] = _brief(final_m)
 
-    if not final_chk["ok"] and (qat_mode == "true" or (qat_mode == "auto")):
+    if qat_mode == "true" or (qat_mode == "auto" and not final_chk["ok"]):
         if model is None:
-            report["qat"] = {"skipped": "PTQ missed the tolerance but no torch model was given (pass model= / "
-                                        "quantize.checkpoint=) so QAT could not run"}
+            report["qat"] = {"skipped": "no torch model given (model= / quantize.checkpoint=), so QAT could not run"}
         else:
             from edgeus.quantize.qat import qat_quantize
 
@@ -189,22 +188,12 @@ def quantize_onnx(fp32_onnx, out_path, cfg, bundle, teacher_onnx=None, *, model=
             qrep.update({"metrics": _brief(qm), "check": qchk})
             report["qat"] = qrep
             report["metrics"]["int8_qat"] = _brief(qm)
-            if (qchk["violation"], 0) < (final_chk["violation"], len(report["excluded_nodes"])) or qat_mode == "true":
+            # QAT ships when asked for, or when it is closer to the tolerance than PTQ (+ fallback)
+            if qat_mode == "true" or qchk["violation"] < final_chk["violation"]:
                 shutil.copyfile(qat_path, out_path)
                 final_m, final_chk, method_used = qm, qchk, "qat"
                 report["excluded_nodes"] = []
-    elif qat_mode == "true" and model is not None:
-        from edgeus.quantize.qat import qat_quantize
-
-        qat_path = work / "qat.int8.onnx"
-        qrep = qat_quantize(model, qat_path, cfg, bundle, layout, calib, spec, work, device=device)
-        qm = ev.metrics(qat_path)
-        qrep.update({"metrics": _brief(qm), "check": fb.tolerance_check(fp32_m, qm, float(qcfg.max_accuracy_drop),
-                                                                        float(qcfg.max_recall_drop))})
-        report["qat"] = qrep
-        report["metrics"]["int8_qat"] = _brief(qm)
-        shutil.copyfile(qat_path, out_path)
-        final_m, final_chk, method_used = qm, qrep["check"], "qat"
+                qrep["chosen"] = True
 
     _copy_meta(pre, out_path, {"edgeus.quantization": {"method": method_used, "layout": layout.layout,
                                                        "calibration_sha256": calib.sha256,

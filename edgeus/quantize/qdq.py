@@ -298,7 +298,8 @@ def layout_signature(model_or_path) -> dict:
 
     facts = qdq_facts(load(model_or_path))
     return {
-        "quantized_nodes": sorted(quantized_nodes(model_or_path).items()),
+        # op types, not names: QAT folds BN through torch.fx, which renames nodes
+        "quantized_ops": sorted(quantized_nodes(model_or_path).values()),
         "activation_dtypes": sorted(facts["activation_dtypes"]),
         "weight_dtypes": sorted(facts["weight_dtypes"]),
         "symmetric": facts["all_zero_points_zero"],
