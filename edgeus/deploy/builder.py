@@ -202,14 +202,20 @@ PY
 
 
 def model_meta(model) -> dict:
-    """classes / preprocessing / name stored by the exporter in the ONNX metadata_props (JSON values)."""
-    meta = {}
+    """classes / preprocessing / arch that ``edgeus.quantize.export_onnx`` stores in the ONNX
+    metadata_props (``edgeus.classes``, ``edgeus.preprocessing``, ``edgeus.arch``; JSON values)."""
+    raw = {}
     for p in model.metadata_props:
         try:
-            meta[p.key] = json.loads(p.value)
+            raw[p.key] = json.loads(p.value)
         except (json.JSONDecodeError, TypeError):
-            meta[p.key] = p.value
-    return meta
+            raw[p.key] = p.value
+    out = {}
+    for key in ("classes", "preprocessing", "arch"):
+        v = raw.get(f"edgeus.{key}", raw.get(key))
+        if v:
+            out[key] = v
+    return out
 
 
 def build(onnx_path: str | Path, cfg, out_dir: str | Path, meta: dict | None = None) -> dict:

@@ -67,8 +67,15 @@ class BenchConfig:
 @dataclass
 class PackageConfig:
     out: Optional[str] = None
+    # explicit artifacts (default: found in the run directory by these names)
+    fp32_onnx: Optional[str] = None       # <run>/student.fp32.onnx
+    int8_onnx: Optional[str] = None       # <run>/student.int8.onnx
+    build_dir: Optional[str] = None       # <run>/build (engine or build script + manifest)
+    metrics: Optional[str] = None         # <run>/metrics.json
+    build: bool = True                    # no build dir and a TensorRT target: prepare the build in the bundle
+    golden_data: bool = False             # golden inputs from cfg.data (test split) instead of seeded noise
+    overwrite: bool = False               # replace an existing bundle directory
     golden: int = 4                       # number of golden inputs with expected outputs
-    atol: float = 1e-3                    # tolerance of golden outputs (FP32 ONNX)
-    int8_atol: float = 5e-2               # tolerance of golden outputs (INT8 ONNX / engines, probs)
+    atol: float = 1e-3                    # golden tolerance, FP32 ONNX (softmax probabilities)
+    int8_atol: float = 5e-2               # golden tolerance, INT8 ONNX and engines (softmax probabilities)
     tar: bool = True                      # also write <out>.tar.gz
-    include_checkpoint: bool = False      # also ship the student checkpoint (.pt)

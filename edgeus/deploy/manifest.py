@@ -47,8 +47,7 @@ def file_entries(root: str | Path, paths: Iterable[str | Path] | None = None) ->
     """``{relpath: {sha256, bytes}}`` for the given files (default: every file under root but the manifest)."""
     root = Path(root)
     if paths is None:
-        paths = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST
-                       and not (p.parent == root and p.name == MANIFEST))
+        paths = sorted(p for p in root.rglob("*") if p.is_file() and p != root / MANIFEST)
     out = {}
     for p in paths:
         p = Path(p)
