@@ -1,0 +1,444 @@
+"""Deployment: targets, TensorRT compatibility, offline build, runners, bench, package and verify."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from edgeus.config import ConfigError, compose
+from edgeus.errors import EdgeusError
+
+TRT_TARGETS = ["jetson_orin_nano", "jetson_orin_nx", "jetson_agx_orin", "jetson_xavier_nx",
+               "desktop_ampere", "desktop_ada"]
+
+try:
+    import tensorrt  # noqa: F401
+    HAVE_TRT = True
+except Exception:
+    HAVE_TRT = False
+needs_trt = pytest.mark.skipif(not HAVE_TRT, reason="tensorrt not installed (needs an NVIDIA GPU)")
+
+
+# ----------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run directory like compress writes: student.fp32.onnx, student.int8.onnx (TensorRT Q/DQ), metrics."""
+    import torch
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from edgeus.models import create_model
+
+    d = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    m = create_model("simple_cnn", num_classes=3, in_chans=1, width=0.25).eval()
+    fp32 = d / "student.fp32.onnx"
+    torch.onnx.export(m, (torch.randn(1, 1, 32, 32),), str(fp32), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+    mo = onnx.load(str(fp32))
+    for k, v in {"edgeus.classes": ["normal", "benign", "malignant"],
+                 "edgeus.preprocessing": {"image_size": 32, "in_chans": 1, "mean": [0.5], "std": [0.25]}}.items():
+        mo.metadata_props.add(key=k, value=json.dumps(v))
+    onnx.save(mo, str(fp32))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"input": np.random.default_rng(i).standard_normal((1, 1, 32, 32)).astype(np.float32)}
+                            for i in range(4)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(fp32), str(d / "student.int8.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+                                   "AddQDQPairToWeight": True, "DedicatedQDQPair": True})
+    (d / "metrics.json").write_text(json.dumps({"accuracy": 0.9, "recall": {"malignant": 0.95}}))
+    (d / "config.yaml").write_text("recipe:\n  name: test_recipe\n")
+    return d
+
+
+def _tiny_graph(*, op="Relu", domain="", shape=("batch", 1, 8, 8), opset=17, attrs=None):
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, list(shape))
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, list(shape))
+    node = helper.make_node(op, ["input"], ["out"], name="n0", domain=domain, **(attrs or {}))
+    imports = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    return helper.make_model(helper.make_graph([node], "g", [x], [y]), opset_imports=imports)
+
+
+# ----------------------------------------------------------------------------------------- targets
+
+def test_all_targets_load_with_a_quantiser_layout():
+    from edgeus import resources
+
+    assert set(TRT_TARGETS + ["cpu"]) <= set(resources.list_options("targets"))
+    for name in TRT_TARGETS:
+        t = compose([f"target={name}"]).target
+        assert t.name == name and t.backend == "tensorrt" and t.compute_capability
+        q = t.quant
+        assert q.layout == "tensorrt" and q.activation_type == "int8" and q.weight_type == "int8"
+        assert q.activation_symmetric and q.weight_symmetric and q.per_channel and not q.quantize_bias
+        assert t.batch.min <= t.batch.opt <= t.batch.max
+    cpu = compose(["target=cpu"]).target
+    assert cpu.quant.activation_type == "uint8" and not cpu.quant.activation_symmetric and cpu.quant.quantize_bias
+    assert compose(["target=jetson_orin_nano"]).target.dla_cores == 0
+    assert compose(["target=jetson_agx_orin"]).target.dla_cores == 2
+    assert compose(["target=jetson_orin_nx"]).target.dla_cores == 2
+
+
+def test_target_typo_fails(tmp_path):
+    with pytest.raises(ConfigError, match="dla_cores"):
+        compose(["target.dla_core=1"])
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("name: mine\nworkspce_mb: 10\n")
+    with pytest.raises(ConfigError, match="workspce_mb"):
+        compose([f"target={bad}"])
+
+
+def test_version_ranges():
+    from edgeus.deploy.versions import in_range, lower_bound, same_engine_version
+
+    assert in_range("10.3.0.26", ">=10.3,<11") and not in_range("10.2.0", ">=10.3,<11")
+    assert not in_range("11.0", ">=10.3,<11") and in_range("8.5.2-1+cuda11.4", ">=8.5,<8.6")
+    assert lower_bound(">=10.3,<11") == (10, 3)
+    assert same_engine_version("10.3.0.26", "10.3.0.30") and not same_engine_version("10.3.0", "10.4.0")
+
+
+# ----------------------------------------------------------------------------------------- compatibility
+
+def test_compat_accepts_the_tensorrt_qdq_model(run_dir):
+    from edgeus.deploy.trt_compat import check_onnx
+
+    r = check_onnx(run_dir / "student.int8.onnx", compose(["target=jetson_orin_nano"]).target)
+    assert r.ok, r.errors
+    assert r.qdq_nodes > 0 and r.qdq_checked
+    assert r.inputs[0]["shape"][1:] == [1, 32, 32]
+
+
+def test_compat_rejects_dynamic_spatial_dims_contrib_ops_and_new_opsets():
+    from edgeus.deploy.trt_compat import check_onnx
+
+    t = compose(["target=jetson_orin_nano"]).target
+    r = check_onnx(_tiny_graph(shape=("batch", 1, "h", 8)), t)
+    assert not r.ok and any("dynamic" in e and "input" in e for e in r.errors)
+    r = check_onnx(_tiny_graph(op="FusedConv", domain="com.microsoft"), t)
+    assert not r.ok and any("com.microsoft" in e for e in r.errors)
+    r = check_onnx(_tiny_graph(op="Unique"), t)
+    assert not r.ok and any("Unique" in e for e in r.errors)
+    r = check_onnx(_tiny_graph(opset=21), t)
+    assert not r.ok and any("opset 21" in e for e in r.errors)
+    # TensorRT 8.5 (Xavier NX) stops at opset 17
+    r = check_onnx(_tiny_graph(opset=18), compose(["target=jetson_xavier_nx"]).target)
+    assert not r.ok and any("opset 18" in e for e in r.errors)
+    assert check_onnx(_tiny_graph(), t).ok
+
+
+def test_compat_rejects_the_cpu_qdq_layout(run_dir, tmp_path):
+    """uint8 / asymmetric Q/DQ (ONNX Runtime's layout) is not TensorRT's: the quantiser's rules say so."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from edgeus.deploy.trt_compat import check_onnx
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"input": np.random.default_rng(0).standard_normal((1, 1, 32, 32)).astype(np.float32)}])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    out = tmp_path / "cpu.int8.onnx"
+    quantize_static(str(run_dir / "student.fp32.onnx"), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+    r = check_onnx(out, compose(["target=jetson_orin_nano"]).target)
+    assert not r.ok and any(e.startswith("Q/DQ:") for e in r.errors)
+
+
+# ----------------------------------------------------------------------------------------- offline build
+
+def test_offline_build_writes_trtexec_script_and_manifest(run_dir, tmp_path):
+    from edgeus.deploy import build
+
+    cfg = compose(["target=jetson_orin_nano"])
+    r = build(run_dir / "student.int8.onnx", cfg, tmp_path / "b")
+    b = tmp_path / "b"
+    assert (r["status"] == "engine") == HAVE_TRT
+    cmd = r["trtexec"]
+    assert "--onnx=student.int8.onnx" in cmd and "--saveEngine=student.int8.engine" in cmd
+    assert "--stronglyTyped" in cmd and "--int8" not in cmd and "--fp16" not in cmd  # strongly typed: no flags
+    assert "--minShapes=input:1x1x32x32" in cmd and "--maxShapes=input:4x1x32x32" in cmd
+    assert "--sparsity=enable" in cmd and "--memPoolSize=workspace:1024M" in cmd
+    assert "--builderOptimizationLevel=3" in cmd and "--timingCacheFile=timing.cache" in cmd
+    assert "--useDLACore" not in cmd
+    for f in ("student.int8.onnx", "build_engine.sh", "trtexec.txt", "device_probe.py", "compat.json", "manifest.json"):
+        assert (b / f).is_file(), f
+    script = (b / "build_engine.sh").read_text()
+    from edgeus.deploy.manifest import sha256_file
+
+    assert sha256_file(b / "student.int8.onnx") in script and "--stronglyTyped" in script
+    if shutil.which("bash"):
+        assert subprocess.run(["bash", "-n", str(b / "build_engine.sh")]).returncode == 0
+    m = json.loads((b / "manifest.json").read_text())
+    assert m["schema_version"] == 1 and m["kind"] == "build"
+    assert m["model"]["classes"] == ["normal", "benign", "malignant"]
+    assert m["model"]["inputs"][0]["name"] == "input"
+    assert set(m["files"]) >= {"student.int8.onnx", "build_engine.sh", "device_probe.py"}
+    if not HAVE_TRT:
+        assert m["build"]["status"] == "device-build-required" and m["tensorrt"] is None
+        assert "must be built on the" in r["message"]
+
+
+def test_build_flags_follow_the_target(run_dir, tmp_path):
+    from edgeus.deploy import build
+
+    xav = build(run_dir / "student.int8.onnx", compose(["target=jetson_xavier_nx"]), tmp_path / "x")["trtexec"]
+    if not HAVE_TRT:  # TensorRT 8.5: no strong typing, no builder optimisation level, no sparsity on Volta
+        assert "--int8" in xav and "--fp16" in xav and "--stronglyTyped" not in xav
+        assert "--builderOptimizationLevel" not in xav and "--sparsity" not in xav
+    dla = build(run_dir / "student.int8.onnx", compose(["target=jetson_agx_orin", "build.dla_core=1"]),
+                tmp_path / "d")["trtexec"]
+    assert "--useDLACore=1" in dla and "--allowGPUFallback" in dla and "--optShapes=input:4x1x32x32" in dla
+    with pytest.raises(EdgeusError, match="DLA"):
+        build(run_dir / "student.int8.onnx", compose(["target=jetson_orin_nano", "build.dla_core=0"]), tmp_path / "n")
+
+
+def test_build_refuses_an_incompatible_model(tmp_path):
+    from edgeus.deploy import build
+
+    bad = tmp_path / "bad.onnx"
+    onnx.save(_tiny_graph(shape=("batch", 1, "h", "w")), str(bad))
+    with pytest.raises(EdgeusError, match="not ready for TensorRT"):
+        build(bad, compose(["target=desktop_ada"]), tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "compat.json").read_text())["ok"] is False
+
+
+# ----------------------------------------------------------------------------------------- runners and bench
+
+def test_onnxruntime_runner_checks_inputs(run_dir):
+    from edgeus.deploy.runners import make_runner
+
+    r = make_runner(run_dir / "student.fp32.onnx")
+    with pytest.raises(EdgeusError, match="activate"):
+        r.infer({"input": np.zeros((1, 1, 32, 32), np.float32)})
+    with r:
+        out = r.infer({"input": np.zeros((2, 1, 32, 32), np.float32)})
+        assert next(iter(out.values())).shape == (2, 3) and r.last_inference_time > 0
+        with pytest.raises(EdgeusError, match="dimension 2"):
+            r.infer({"input": np.zeros((1, 1, 16, 32), np.float32)})
+        with pytest.raises(EdgeusError, match="dtype"):
+            r.infer({"input": np.zeros((1, 1, 32, 32), np.float64)})
+    assert r.providers == ["CPUExecutionProvider"]
+
+
+def test_torch_runner_matches_onnxruntime(tmp_path):
+    import torch
+
+    from edgeus.deploy.runners import make_runner
+    from edgeus.models import create_model
+    from edgeus.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    m = create_model("simple_cnn", num_classes=3, in_chans=1, width=0.25).eval()
+    ck = save_checkpoint(tmp_path / "s.pt", m, classes=["a", "b", "c"],
+                         preprocessing={"image_size": 32, "in_chans": 1, "mean": [0.5], "std": [0.25]})
+    onnx_path = tmp_path / "s.onnx"
+    torch.onnx.export(m, (torch.randn(1, 1, 32, 32),), str(onnx_path), input_names=["input"],
+                      dynamic_axes={"input": {0: "b"}}, opset_version=17, dynamo=False)
+    x = np.random.default_rng(0).standard_normal((2, 1, 32, 32)).astype(np.float32)
+    with make_runner(ck) as tr, make_runner(onnx_path) as orr:
+        assert tr.backend == "torch" and tr.input_metadata()["input"][1] == [None, 1, 32, 32]
+        a = tr.infer({"input": x})["logits"]
+        b = next(iter(orr.infer({"input": x}).values()))
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_bench_compare_interleaves_and_writes_ratios(run_dir, tmp_path):
+    from edgeus.deploy import bench
+
+    cfg = compose(["bench.iters=8", "bench.warmup=1", "bench.batch_sizes=[1,2]"])
+    out = tmp_path / "res.json"
+    res = bench([run_dir / "student.fp32.onnx", run_dir / "student.int8.onnx"], cfg, out=out)
+    assert res["mode"] == "compare" and res["settings"]["interleaved"]
+    for m in res["models"]:
+        for b in ("1", "2"):
+            st = m["batches"][b]
+            assert st["n"] == 8 and 0 < st["p50_ms"] <= st["p90_ms"] <= st["p99_ms"]
+            assert st["throughput_ips"] > 0
+        assert m["memory"]["kind"] == "host_rss"
+    rows = res["compare"]["ratios"]
+    assert res["compare"]["baseline"] == "student.fp32.onnx" and {r["batch"] for r in rows} == {1, 2}
+    assert all(r["speedup_p50"] > 0 and r["paired_median_speedup"] > 0 for r in rows)
+    saved = json.loads(out.read_text())
+    assert saved["compare"]["ratios"] == json.loads(json.dumps(rows))
+    md = out.with_suffix(".md").read_text()
+    assert "speedup" in md and "student.int8.onnx" in md
+
+
+def test_bench_single_model_has_no_compare(run_dir):
+    from edgeus.deploy import bench
+
+    res = bench([run_dir / "student.fp32.onnx"], compose(["bench.iters=3", "bench.warmup=0"]))
+    assert res["mode"] == "single" and "compare" not in res
+    with pytest.raises(EdgeusError, match="two or more"):
+        bench([run_dir / "student.fp32.onnx"], compose(["bench.compare=true"]))
+
+
+def test_tegrastats_and_clock_parsers():
+    from edgeus.deploy.tegrastats import parse_clocks, parse_line
+
+    orin = ("RAM 2364/7620MB (lfb 2x4MB) SWAP 0/3810MB CPU [2%@729,1%@729] GR3D_FREQ 45% cpu@47.5C "
+            "VDD_IN 5112mW/4980mW VDD_CPU_GPU_CV 1438mW/1400mW VDD_SOC 1520mW/1500mW")
+    s = parse_line(orin)
+    assert s["total_mw"] == 5112 and s["power_mw"]["VDD_SOC"] == 1520 and s["gpu_util"] == 45
+    assert s["ram_used_mb"] == 2364 and "RAM" not in s["power_mw"]
+    xavier = "RAM 3000/7772MB GR3D_FREQ 0%@114 VDD_IN 4375/4375 VDD_CPU_GPU_CV 1076/1076 VDD_SOC 1353/1353"
+    assert parse_line(xavier)["total_mw"] == 4375
+    pinned = ("GPU MinFreq=918000000 MaxFreq=918000000 CurrentFreq=918000000\n"
+              "cpu0: Online=1 Governor=schedutil MinFreq=1510400 MaxFreq=1510400 CurrentFreq=1510400")
+    assert parse_clocks(pinned)["fixed"]
+    assert not parse_clocks("GPU MinFreq=306000000 MaxFreq=918000000 CurrentFreq=306000000")["fixed"]
+
+
+# ----------------------------------------------------------------------------------------- package / verify
+
+@pytest.fixture()
+def bundle(run_dir, tmp_path):
+    """build (offline) -> package, as compress leaves it: the run's build/ directory is packaged."""
+    from edgeus.deploy import build, package
+
+    cfg = compose(["target=jetson_orin_nano", "package.golden=3"])
+    build(run_dir / "student.int8.onnx", cfg, tmp_path / "run_build")
+    return package(run_dir, tmp_path / "fw", cfg, build_dir=tmp_path / "run_build")
+
+
+def test_package_verify_round_trip(bundle):
+    from edgeus.deploy import verify
+
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["schema_version"] == 1 and m["kind"] == "bundle"
+    assert m["model"]["classes"] == ["normal", "benign", "malignant"]
+    assert m["model"]["preprocessing"]["image_size"] == 32
+    assert m["source"]["recipe"] == "test_recipe" and m["metrics"]["accuracy"] == 0.9
+    for rel in ("model/model.int8.onnx", "model/model.fp32.onnx", "build/build_engine.sh", "build/manifest.json",
+                "golden/inputs.npy", "golden/expected.int8.npy", "golden/expected.fp32.npy", "labels.json",
+                "preprocessing.json", "metrics.json", "source/config.yaml"):
+        assert rel in m["files"], rel
+    assert np.load(bundle / "golden" / "inputs.npy").shape == (3, 1, 32, 32)
+    assert {g["precision"] for g in m["golden"]["outputs"]} == {"int8", "fp32"}
+    for target in (bundle, bundle.with_name("fw.tar.gz")):
+        r = verify(target)
+        assert r["ok"], r["errors"]
+        assert r["backend"] == "onnxruntime" and len(r["golden"]) == 2 and all(g["ok"] for g in r["golden"])
+
+
+def test_verify_fails_on_a_tampered_file(bundle):
+    from edgeus.cli import main
+    from edgeus.deploy import verify
+
+    p = bundle / "model" / "model.int8.onnx"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+    r = verify(bundle)
+    assert not r["ok"] and any(e.startswith("model/model.int8.onnx:") and "SHA-256" in e for e in r["errors"])
+    assert main(["verify", str(bundle)]) == 1
+
+
+def test_verify_fails_on_truncation_and_on_a_truncated_archive(bundle):
+    from edgeus.deploy import verify
+
+    p = bundle / "golden" / "expected.fp32.npy"
+    p.write_bytes(p.read_bytes()[:-7])
+    r = verify(bundle)
+    assert not r["ok"] and any(e.startswith("golden/expected.fp32.npy:") and "truncated" in e for e in r["errors"])
+    tar = bundle.with_name("fw.tar.gz")
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    r = verify(tar)
+    assert not r["ok"] and "fw.tar.gz" in r["errors"][0]
+
+
+def test_verify_fails_on_a_wrong_schema_version(bundle):
+    from edgeus.deploy import verify
+
+    mp = bundle / "manifest.json"
+    m = json.loads(mp.read_text())
+    m["schema_version"] = 99
+    mp.write_text(json.dumps(m))
+    r = verify(bundle)
+    assert not r["ok"] and "manifest.json" in r["errors"][0] and "schema_version 99" in r["errors"][0]
+
+
+def test_verify_refuses_an_engine_built_elsewhere(bundle):
+    """A manifest saying TensorRT 10.3 / SM 8.7 against a machine with 10.0 / SM 8.6: clear refusal."""
+    from edgeus.deploy import manifest as mf
+    from edgeus.deploy import verify
+
+    (bundle / "build" / "model.engine").write_bytes(b"not really an engine")
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["tensorrt"] = {"version": "10.3.0.26", "compute_capability": "8.7", "gpu": "Orin", "jetpack": "6.1",
+                     "engine": "build/model.engine"}
+    mf.write_manifest(bundle, m)
+    r = verify(bundle, here={"tensorrt": "10.0.1.6", "compute_capability": "8.6", "gpu": "NVIDIA RTX A4000"})
+    assert not r["ok"]
+    msg = " ".join(r["errors"])
+    assert "build/model.engine" in msg and "TensorRT 10.3.0.26" in msg and "10.0.1.6" in msg
+    assert "compute capability 8.7" in msg and "8.6" in msg
+    r = verify(bundle, here={"tensorrt": None})   # no TensorRT here: cannot check, ONNX fallback verified
+    assert r["ok"], r["errors"]
+    assert any("cannot be checked here" in w for w in r["warnings"])
+
+
+def test_archive_members_stay_inside(tmp_path):
+    from edgeus.deploy import verify
+
+    evil = tmp_path / "evil.tar.gz"
+    src = tmp_path / "x.txt"
+    src.write_text("x")
+    with tarfile.open(evil, "w:gz") as t:
+        t.add(src, arcname="../escape.txt")
+    r = verify(evil)
+    assert not r["ok"] and "unsafe" in r["errors"][0]
+
+
+def test_package_needs_artifacts(tmp_path):
+    from edgeus.deploy import package
+
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(EdgeusError, match="nothing to package"):
+        package(tmp_path / "empty_run", tmp_path / "fw", compose([]))
+
+
+def test_cli_targets_and_build(run_dir, tmp_path, capsys):
+    from edgeus.cli import main
+
+    assert main(["targets"]) == 0
+    assert "jetson_orin_nano" in capsys.readouterr().out
+    assert main(["build", str(run_dir / "student.int8.onnx"), "target=desktop_ada", f"out={tmp_path / 'b'}"]) == 0
+    out = capsys.readouterr().out
+    assert "trtexec --onnx=" in out and ("must be built on the" in out or HAVE_TRT)
+
+
+# ----------------------------------------------------------------------------------------- TensorRT (GPU only)
+
+@needs_trt
+def test_tensorrt_engine_build_and_run(run_dir, tmp_path):
+    from edgeus.deploy import build
+    from edgeus.deploy.runners import make_runner
+
+    cfg = compose(["target=desktop_ampere", "target.sparse_weights=false"])
+    r = build(run_dir / "student.int8.onnx", cfg, tmp_path / "b")
+    assert r["status"] == "engine" and Path(r["engine"]).is_file()
+    assert (tmp_path / "b" / "timing.cache").is_file()
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert m["tensorrt"]["version"] and m["tensorrt"]["compute_capability"]
+    x = np.random.default_rng(0).standard_normal((2, 1, 32, 32)).astype(np.float32)
+    with make_runner(r["engine"]) as trt_r, make_runner(run_dir / "student.int8.onnx") as ort_r:
+        a = next(iter(trt_r.infer({"input": x}).values()))
+        b = next(iter(ort_r.infer({"input": x}).values()))
+    assert a.shape == b.shape
