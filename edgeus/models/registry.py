@@ -64,6 +64,16 @@ def get_builder(name: str) -> Callable[..., nn.Module]:
     return _MODELS[name]
 
 
+def _plain(value):
+    """OmegaConf lists/dicts (from ``model.kwargs``) as plain Python containers, so that
+    ``edgeus_arch`` pickles into checkpoints that load with ``weights_only=True``."""
+    if type(value).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
 def create_model(name: str, num_classes: int = 3, in_chans: int = 1, width: float = 1.0, **kwargs) -> nn.Module:
     builder = get_builder(name)
     params = inspect.signature(builder).parameters
@@ -74,6 +84,7 @@ def create_model(name: str, num_classes: int = 3, in_chans: int = 1, width: floa
             raise TypeError(
                 f"model {name!r} got unknown argument(s) {unknown}; it takes: {', '.join(valid) or '(none)'}"
             )
+    kwargs = {k: _plain(v) for k, v in kwargs.items()}
     model = builder(num_classes=num_classes, in_chans=in_chans, width=width, **kwargs)
     model.edgeus_arch = {
         "name": name, "num_classes": int(num_classes), "in_chans": int(in_chans),

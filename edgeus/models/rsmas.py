@@ -97,7 +97,7 @@ class SRU(nn.Module):
         reweight = torch.sigmoid(self.gn(x) * w_gamma)
         w1 = (reweight >= self.gate_threshold).to(x.dtype)
         if self.training:  # straight-through: forward value stays 0/1, gamma gets a gradient
-            w1 = w1 + reweight - reweight.detach()
+            w1 = w1 + (reweight - reweight.detach())
         return w1, 1.0 - w1
 
     @staticmethod
