@@ -272,6 +272,8 @@ class RSMASNet(ResNet):
         inplanes = self.layer3[-1].conv3.out_channels
         # stage-4 bottleneck width: a multiple of 16 so that GN groups, halves, groups and heads divide it
         planes = 512 if width == 1.0 else make_divisible(512 * width, 16)
+        # at least 2 channels per GroupNorm group (a 1x1 map at tiny inputs would give one value per group)
+        gn_groups = min(gn_groups, planes // 2)
         blocks = []
         for i in range(3):
             use_mdta = i in tuple(mdta_blocks)
