@@ -234,6 +234,8 @@ def test_onnxruntime_runner_checks_inputs(run_dir):
         with pytest.raises(EdgeusError, match="dtype"):
             r.infer({"input": np.zeros((1, 1, 32, 32), np.float64)})
     assert r.providers == ["CPUExecutionProvider"]
+    with pytest.raises(EdgeusError, match="bench.backend=torch"):
+        make_runner(run_dir / "student.fp32.onnx", backend="torch")
 
 
 def test_torch_runner_matches_onnxruntime(tmp_path):

@@ -49,7 +49,7 @@ class BuildConfig:
 
 @dataclass
 class BenchConfig:
-    backend: str = "onnxruntime"          # onnxruntime | torch | tensorrt | auto
+    backend: str = "auto"                 # auto (by file: .onnx/.pt/.engine) | onnxruntime | torch | tensorrt
     device: str = "cpu"                   # cpu | cuda (torch, onnxruntime providers)
     providers: Optional[List[str]] = None  # onnxruntime providers (default: best available for device)
     fp16: bool = False                    # torch: run in half precision (cuda)

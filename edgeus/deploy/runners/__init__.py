@@ -23,8 +23,10 @@ def backend_for(path: str | Path, requested: str = "auto") -> str:
         return natural
     if requested not in BACKENDS:
         raise EdgeusError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)} or auto")
-    # an explicit backend that does not read this file type: use the file's own backend
-    return natural
+    files = {"onnxruntime": ".onnx", "torch": ".pt (edgeus checkpoint)", "tensorrt": ".engine"}
+    raise EdgeusError(f"{Path(path).name}: bench.backend={requested} runs {files[requested]} files, this file is "
+                      f"for {natural} (use bench.backend=auto; bench.device=cuda gives ONNX Runtime's "
+                      "CUDA/TensorRT providers)")
 
 
 def make_runner(path: str | Path, bench_cfg=None, *, backend: str = "auto", name: str | None = None) -> BaseRunner:

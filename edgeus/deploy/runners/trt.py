@@ -124,7 +124,8 @@ class TrtRunner(BaseRunner):
 
     def memory(self):
         free_now = self._cuda.mem_get_info()[0]
-        return {"kind": "cuda", "engine_device_memory_mb": round(self.engine.device_memory_size / 2**20, 2),
+        dev_mem = getattr(self.engine, "device_memory_size_v2", None) or self.engine.device_memory_size
+        return {"kind": "cuda", "engine_device_memory_mb": round(dev_mem / 2**20, 2),
                 "device_used_delta_mb": round((self._free_before - free_now) / 2**20, 2)}
 
     def deactivate_impl(self) -> None:
