@@ -221,7 +221,8 @@ def model_meta(model) -> dict:
 def build(onnx_path: str | Path, cfg, out_dir: str | Path, meta: dict | None = None) -> dict:
     """Check, prepare and (with TensorRT) build an engine for ``cfg.target`` into ``out_dir``.
 
-    ``meta``: {"name", "classes", "preprocessing", "source": {"recipe", "run"}, "metrics"} (optional;
+    ``meta``: {"name", "classes", "preprocessing", "source": {"recipe", "run"} (or "recipe"/"run" at
+    the top level), "metrics"} (optional;
     missing fields are read from the ONNX metadata). Returns a JSON-able report.
     """
     onnx_path = Path(onnx_path)
@@ -287,7 +288,8 @@ def build(onnx_path: str | Path, cfg, out_dir: str | Path, meta: dict | None = N
         build={"status": result["status"], "settings": asdict(settings), "trtexec": cmd,
                "script": "build_engine.sh", "onnx_sha256": onnx_sha},
         tensorrt=(dict(result["tensorrt"], engine=settings.engine) if result["tensorrt"] else None),
-        source=meta.get("source") or {}, metrics=meta.get("metrics") or {},
+        source=meta.get("source") or {k: meta[k] for k in ("recipe", "run") if meta.get(k)},
+        metrics=meta.get("metrics") or {},
     )
     result["manifest"] = str(mf.write_manifest(out, m))
     return result
