@@ -98,7 +98,6 @@ class GatesConfig:
 
 @dataclass
 class RobustnessConfig:
-    enabled: bool = True
     corruptions: List[str] = field(default_factory=lambda: ["speckle", "gain", "blur", "shadow"])
     strengths: List[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
 
@@ -107,6 +106,17 @@ class RobustnessConfig:
 class TeacherConfig:
     checkpoint: Optional[str] = None   # load this teacher instead of training one
     train: Dict[str, Any] = field(default_factory=dict)  # overrides of train.* for the teacher
+
+
+@dataclass
+class CompressConfig:
+    teacher_guided: bool = True        # fine-tune pruned / decomposed students with the teacher (distillation)
+    baseline_int8: bool = True         # also quantise the uncompressed teacher: the obvious alternative
+    latency_iters: int = 30            # ONNX Runtime CPU timing per stage (interleaved with the teacher)
+    latency_warmup: int = 5
+    latency_threads: Optional[int] = None  # ONNX Runtime intra-op threads (default: all cores)
+    robustness: bool = True
+    report: bool = True
 
 
 @dataclass
@@ -142,6 +152,7 @@ class EdgeusConfig:
     bench: BenchConfig = field(default_factory=BenchConfig)
     package: PackageConfig = field(default_factory=PackageConfig)
     gates: GatesConfig = field(default_factory=GatesConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
 
 
@@ -246,12 +257,14 @@ def compose(overrides: list[str] | None = None, defaults: dict | None = None) ->
             )
         cfg.data.name = name
 
-    if "target" in groups:
+    target = groups.get("target") or cfg.target.name or "cpu"
+    if target in resources.list_options("targets") or "target" in groups:
         try:
-            path = resources.find("targets", groups["target"])
+            path = resources.find("targets", target)
         except KeyError as e:
             raise ConfigError(str(e.args[0])) from None
-        tgt = _load_yaml(path)
+        tgt = _load_yaml(path)  # a target file replaces the whole target section (its Q/DQ layout too)
+        cfg.target = OmegaConf.structured(TargetConfig)
         cfg = _merge(cfg, OmegaConf.create({"target": tgt}), f"target {path.name}")
         if not cfg.target.name:
             cfg.target.name = path.stem

@@ -135,6 +135,12 @@ def fit(trainable, loaders: dict, train_cfg, out_dir: str | Path | None, *, clas
     best_metrics = history[best_epoch]["val"] if 0 <= best_epoch < len(history) else {}
     for epoch in range(start_epoch, epochs):
         t0 = time.time()
+        # every epoch starts from a seed of its own, so that a resumed run repeats the uninterrupted one
+        epoch_seed = seed * 1000 + epoch
+        torch.manual_seed(epoch_seed)
+        for gen in (getattr(loaders["train"], "generator", None), getattr(loaders["train"].sampler, "generator", None)):
+            if gen is not None:
+                gen.manual_seed(epoch_seed)
         trainable.train()
         for ds_key in ("train",):
             ds = loaders[ds_key].dataset

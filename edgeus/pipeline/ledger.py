@@ -1,0 +1,59 @@
+"""The run ledger: one row per stage (size, MACs, latency, clinical metrics, wall time), as JSON
+and as a markdown table."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def write_json(path: Path, obj) -> None:
+    """Write to a temporary name, then rename: a killed process never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, default=_default))
+    os.replace(tmp, path)
+
+
+def _default(o):
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def _fmt(v, spec=".3f", none="–"):
+    return none if v is None else format(v, spec)
+
+
+def _size(b):
+    if b is None:
+        return "–"
+    for unit in ("B", "KB", "MB", "GB"):
+        if b < 1024 or unit == "GB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.2f} {unit}"
+        b /= 1024
+
+
+def markdown(rows: list[dict], classes: list[str], critical: str | None = None) -> str:
+    rec = [critical] + [c for c in classes if c != critical] if critical in classes else list(classes)
+    head = ["stage", "params", "MACs", "bytes", "ORT ms", "speed-up", "acc", "macro-F1", "AUC", "ECE"] + \
+        [f"recall {c}" for c in rec] + ["wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        m = r.get("metrics") or {}
+        cells = [r["stage"], f"{r['params'] / 1e6:.3f} M" if r.get("params") is not None else "–",
+                 f"{r['macs'] / 1e6:.1f} M" if r.get("macs") is not None else "–", _size(r.get("bytes")),
+                 _fmt(r.get("latency_ms"), ".2f"), _fmt(r.get("speedup"), ".2f") + ("×" if r.get("speedup") else ""),
+                 _fmt(m.get("accuracy")), _fmt(m.get("macro_f1")), _fmt(m.get("auc")), _fmt(m.get("ece"))]
+        cells += [_fmt((m.get("recall") or {}).get(c)) for c in rec]
+        cells.append(_fmt(r.get("wall_s"), ".1f"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
