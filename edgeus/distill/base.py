@@ -132,7 +132,7 @@ class Distiller(nn.Module):
 
     def __init__(self, student: nn.Module, teacher: nn.Module, terms: dict[str, LossTerm],
                  weights: dict[str, float], taps=None, pairs: list[PairInfo] | None = None,
-                 cache_teacher: bool = False, steps_per_epoch: int | None = None):
+                 cache_teacher: bool = False, steps_per_epoch: int | None = None, cache: dict | None = None):
         super().__init__()
         if student is teacher:
             raise EdgeusError("the student and the teacher are the same model object; copy the student first")
@@ -146,9 +146,10 @@ class Distiller(nn.Module):
         self.pairs = list(pairs or [])
         self.needs_features = any(t.needs_features for t in terms.values())
         self.needs_teacher = self.needs_features or any(t.needs_teacher for t in terms.values())
-        # caching teacher logits is pointless when the teacher must run for its features anyway
-        self.cache_teacher = bool(cache_teacher) and not self.needs_features
-        self._cache: dict[int, torch.Tensor] = {}
+        self.cache_teacher = bool(cache_teacher)
+        # index -> (logits, [features]); a caller may pass one dict to share across runs with the
+        # same teacher, data and pairs
+        self._cache: dict[int, tuple] = cache if cache is not None else {}
         self.cache_hits = 0
         self.steps_per_epoch = steps_per_epoch
         self._steps = 0
@@ -195,17 +196,33 @@ class Distiller(nn.Module):
         return self.student(x)
 
     @torch.no_grad()
-    def _teacher_logits(self, image: torch.Tensor, index: torch.Tensor | None):
-        if self.cache_teacher and index is not None:
-            keys = [int(i) for i in index.tolist()]
-            if all(k in self._cache for k in keys):
-                self.cache_hits += 1
-                return torch.stack([self._cache[k] for k in keys]).to(image.device)
-        logits = self.teacher(image)
-        if self.cache_teacher and index is not None:
-            for k, row in zip(keys, logits.detach().cpu()):
-                self._cache[k] = row
-        return logits
+    def _teacher(self, image: torch.Tensor, index: torch.Tensor | None) -> tuple[torch.Tensor, list]:
+        """Teacher logits and tapped features; from the cache when every sample of the batch is in it.
+
+        The cache (``cache_teacher``) is keyed by ``batch["index"]`` and valid only when the train
+        split is not augmented (the same index always gives the same image).
+        """
+        keys = [int(i) for i in index.tolist()] if (self.cache_teacher and index is not None) else None
+        if keys is not None and all(k in self._cache for k in keys):
+            self.cache_hits += 1
+            rows = [self._cache[k] for k in keys]
+            logits = torch.stack([r[0] for r in rows]).to(image.device)
+            feats = [torch.stack([r[1][j] for r in rows]).to(image.device) for j in range(len(self.pairs))]
+            return logits, feats
+        if self.needs_features:
+            with self.taps.capture("teacher") as store:
+                logits = self.teacher(image)
+                feats = [store[i] for i in range(len(self.pairs))]
+        else:
+            logits, feats = self.teacher(image), []
+        if keys is not None:
+            cpu_feats = [f.detach().cpu() for f in feats]
+            for n, (k, row) in enumerate(zip(keys, logits.detach().cpu())):
+                self._cache[k] = (row, [f[n] for f in cpu_feats])
+        return logits, feats
+
+    def _teacher_logits(self, image: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        return self._teacher(image, index)[0]
 
     def forward_train(self, batch: dict):
         device = next(self.student.parameters()).device
@@ -217,12 +234,7 @@ class Distiller(nn.Module):
         if self.needs_features and self.taps is None:
             raise EdgeusError("this distiller was closed (its feature hooks are removed); build a new one")
         if self.needs_teacher:
-            if self.needs_features:
-                with torch.no_grad(), self.taps.capture("teacher") as store:
-                    t_logits = self.teacher(image)
-                    t_feats = [store[i] for i in range(len(self.pairs))]
-            else:
-                t_logits = self._teacher_logits(image, index)
+            t_logits, t_feats = self._teacher(image, index)
         if self.needs_features:
             with self.taps.capture("student") as store:
                 s_logits = self.student(image)

@@ -34,6 +34,6 @@ class DistillConfig:
     align: str = "pool"               # spatial mismatch: pool (larger map -> smaller) | interpolate (student -> teacher)
     epochs: Optional[int] = None      # default: train.epochs
     lr: Optional[float] = None        # default: train.lr
-    cache_teacher: bool = False       # reuse teacher logits across epochs (only without augmentation)
+    cache_teacher: bool = False       # reuse teacher logits/features across epochs (no augmentation)
     teacher: Optional[str] = None     # CLI: teacher checkpoint (or the first positional argument)
     student: Optional[str] = None     # CLI: student checkpoint, or a model name (default: model.*)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import torch
@@ -15,6 +16,7 @@ from edgeus.errors import EdgeusError
 log = logging.getLogger("edgeus.distill")
 
 PROBE_SIZE = 64
+CACHE_LIMIT = 2 * 2**30   # bytes of teacher logits + features kept by cache_teacher
 
 
 def _example_input(student: nn.Module, example: torch.Tensor | None, image_size: int | None) -> torch.Tensor:
@@ -61,11 +63,14 @@ def _probe_shapes(model: nn.Module, paths: list[str], example: torch.Tensor) -> 
 
 def build_distiller(student: nn.Module, teacher: nn.Module, distill_cfg=None, class_weights=None, *,
                     example_input: torch.Tensor | None = None, image_size: int | None = None,
-                    steps_per_epoch: int | None = None, cache_teacher: bool | None = None) -> Distiller:
+                    steps_per_epoch: int | None = None, cache_teacher: bool | None = None,
+                    teacher_cache: dict | None = None) -> Distiller:
     """A :class:`Distiller` for ``distill_cfg`` (``cfg.distill``; a DictConfig or DistillConfig).
 
     Feature pairs are validated here (a missing module names the nearest existing ones) and a
     probe pass (one input, eval mode, no gradient) measures their shapes for the FitNet adapters.
+    ``teacher_cache`` (with ``cache_teacher``) is a dict the caller keeps to reuse the teacher's
+    outputs across runs on the same (unaugmented) data, teacher and pairs.
     """
     cfg = distill_cfg if distill_cfg is not None else DistillConfig()
     weights = resolve_weights(cfg)
@@ -110,11 +115,11 @@ def build_distiller(student: nn.Module, teacher: nn.Module, distill_cfg=None, cl
         raise
     cache = bool(getattr(cfg, "cache_teacher", False)) if cache_teacher is None else bool(cache_teacher)
     return Distiller(student, teacher, terms, weights, taps=taps, pairs=pairs, cache_teacher=cache,
-                     steps_per_epoch=steps_per_epoch)
+                     steps_per_epoch=steps_per_epoch, cache=teacher_cache)
 
 
 def distill(student: nn.Module, teacher: nn.Module, cfg, bundle, out_dir, device: str = "cpu",
-            loaders: dict | None = None) -> tuple[nn.Module, dict]:
+            loaders: dict | None = None, teacher_cache: dict | None = None) -> tuple[nn.Module, dict]:
     """Train ``student`` from ``teacher`` with the losses of ``cfg.distill`` (root config).
 
     Runs :func:`edgeus.train.fit` for ``distill.epochs`` (default ``train.epochs``) at
@@ -151,10 +156,15 @@ def distill(student: nn.Module, teacher: nn.Module, cfg, bundle, out_dir, device
     except Exception:  # a plain object config
         pass
     with build_distiller(student, teacher, dcfg, class_weights=weights, example_input=example,
-                         steps_per_epoch=steps, cache_teacher=cache) as distiller:
+                         steps_per_epoch=steps, cache_teacher=cache, teacher_cache=teacher_cache) as distiller:
+        if distiller.cache_teacher:
+            per_sample = 4 * (len(bundle.classes) + sum(math.prod(p.teacher_shape) for p in distiller.pairs))
+            need = per_sample * len(bundle.train)
+            if need > CACHE_LIMIT:
+                distiller.cache_teacher = False
+                notes.append(f"cache_teacher ignored: the teacher's outputs would take {need / 2**30:.1f} GiB "
+                             f"(limit {CACHE_LIMIT / 2**30:.0f} GiB)")
         desc = distiller.describe()
-        if dcfg.cache_teacher and not distiller.cache_teacher and cache:
-            notes.append("cache_teacher ignored: feature losses need the teacher's forward pass anyway")
         for name, term in distiller.terms.items():
             if getattr(term, "note", None):
                 notes.append(f"{name}: {term.note}")
