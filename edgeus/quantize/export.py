@@ -11,7 +11,8 @@
 * simplified with onnxslim, then ``onnx.checker.check_model(full_check=True)``;
 * parity against torch on real inputs (the val split when ``bundle`` is given, else the
   ``sample`` batch, else seeded noise): max |logit difference| and top-1 agreement, raising
-  :class:`ExportParityError` when either misses ``cfg.export.atol`` / ``min_top1_agreement``;
+  :class:`ExportParityError` when the difference exceeds ``atol + rtol * max|logit|`` or the
+  agreement is below ``min_top1_agreement``;
 * ``metadata_props``: classes, preprocessing (JSON), architecture, edgeus version, opset.
 """
 from __future__ import annotations
@@ -111,6 +112,7 @@ def parity(model: torch.nn.Module, onnx_model: onnx.ModelProto, sample: torch.Te
     got = _ort_logits(onnx_model, sample.numpy())
     diff = np.abs(ref - got)
     return {"n": int(len(sample)), "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+            "max_abs_logit": float(np.abs(ref).max()),
             "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean())}
 
 
@@ -199,13 +201,16 @@ def export_onnx(model: torch.nn.Module, path: str | Path, cfg, sample: torch.Ten
         "simplifier": "onnxslim" if ecfg.simplify else None, "nodes_raw": n_raw, "nodes": len(slim.graph.node),
         "ops": dict(sorted(ops.items())), "checker": "onnx.checker full_check passed",
         "dynamic_batch": bool(ecfg.dynamic_batch), "input": [INPUT_NAME, ["batch", in_chans, size, size]],
-        "parity": {**par, "source": src, "atol": float(ecfg.atol), "min_top1_agreement": float(ecfg.min_top1_agreement)},
+        "parity": {**par, "source": src, "atol": float(ecfg.atol), "rtol": float(ecfg.rtol),
+                   "allowed_diff": float(ecfg.atol) + float(ecfg.rtol) * par["max_abs_logit"],
+                   "min_top1_agreement": float(ecfg.min_top1_agreement)},
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    if par["max_abs_diff"] > float(ecfg.atol) or par["top1_agreement"] < float(ecfg.min_top1_agreement):
+    if par["max_abs_diff"] > report["parity"]["allowed_diff"] or par["top1_agreement"] < float(ecfg.min_top1_agreement):
         report["parity"]["passed"] = False
         raise ExportParityError(
-            f"ONNX/torch parity lost: max |diff| {par['max_abs_diff']:.3g} (atol {ecfg.atol}), top-1 agreement "
+            f"ONNX/torch parity lost: max |diff| {par['max_abs_diff']:.3g} (allowed {report['parity']['allowed_diff']:.3g} = "
+            f"atol {ecfg.atol} + rtol {ecfg.rtol} x max |logit| {par['max_abs_logit']:.3g}), top-1 agreement "
             f"{par['top1_agreement']:.3f} (min {ecfg.min_top1_agreement}) on {src}; the ONNX file is at {path} for inspection")
     report["parity"]["passed"] = True
     log.info("exported %s (opset %d, %d nodes, max |diff| %.2g)", path, opset, len(slim.graph.node), par["max_abs_diff"])
