@@ -114,7 +114,7 @@ def _torch_row(ctx, name: str, out: Path, report: dict, wall: float) -> dict:
     ms, speed = _latency(ctx, onnx_path)
     return {"stage": name, "kind": "torch", "artifact": str(ckpt), "onnx": str(onnx_path),
             "params": count_params(ctx.model), "macs": count_macs(ctx.model, pre["image_size"], pre["in_chans"]),
-            "bytes": _file_bytes(ckpt), "onnx_bytes": _file_bytes(onnx_path), "latency_ms": ms, "speedup": speed,
+            "bytes": _file_bytes(onnx_path), "checkpoint_bytes": _file_bytes(ckpt), "latency_ms": ms, "speedup": speed,
             "metrics": _metrics(ctx.model, ctx), "wall_s": wall, "export": _brief_export(exp)}
 
 

@@ -166,8 +166,10 @@ def stage_package(ctx, out: Path) -> dict:
     from edgeus.deploy import package, verify
 
     bundle_dir = Path(ctx.cfg.package.out) if ctx.cfg.package.out else out / "bundle"
+    pcfg = copy.deepcopy(ctx.cfg)
+    pcfg.package.overwrite = True     # a re-run of this stage replaces its own bundle
     metrics = {"student": ctx.state_metrics("final"), "teacher": ctx.state_metrics("teacher")}
-    path = package(ctx.run_dir, bundle_dir, ctx.cfg, fp32_onnx=ctx.artifacts.get("fp32_onnx"),
+    path = package(ctx.run_dir, bundle_dir, pcfg, fp32_onnx=ctx.artifacts.get("fp32_onnx"),
                    int8_onnx=ctx.artifacts.get("int8_onnx"), build_dir=ctx.artifacts.get("build_dir"),
                    metrics=metrics)
     ctx.artifacts["bundle"] = str(path)

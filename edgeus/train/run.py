@@ -27,11 +27,14 @@ def resolve_device(device: str) -> str:
 def build_model(cfg, num_classes: int):
     from edgeus.models import create_model
 
+    import torch
+
     m = cfg.model
+    torch.manual_seed(int(cfg.seed))          # the same seed always gives the same initial weights
     try:
         model = create_model(m.name, num_classes=num_classes, in_chans=int(cfg.data.in_chans), width=float(m.width),
                              **dict(m.kwargs))
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         from edgeus.errors import EdgeusError
 
         raise EdgeusError(str(e.args[0]) if e.args else str(e)) from None

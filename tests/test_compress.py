@@ -1,0 +1,109 @@
+"""The main job end to end on a tiny model: stages, ledger, gates, report, bundle, resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from edgeus.config import compose
+from edgeus.errors import GateError
+from edgeus.pipeline import compress
+
+TINY = ["recipe=rsmas_int8", "model.name=simple_cnn", "model.width=0.25", "data.n_per_class=24",
+        "data.image_size=32", "data.phantom_size=64", "train.epochs=3", "train.lr=0.003",
+        "prune.finetune_epochs=1", "decompose.finetune_epochs=1", "compress.latency_iters=5",
+        "quantize.qat=false", "seed=0"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compress") / "run"
+    result = compress(compose(TINY + [f"out={out}", "gates.enforce=false"]))
+    return out, result
+
+
+def test_every_stage_leaves_its_artifacts_and_a_ledger_row(tiny_run):
+    out, result = tiny_run
+    ledger = json.loads((out / "ledger.json").read_text())
+    stages = [r["stage"] for r in ledger["rows"]]
+    assert stages[:5] == ["teacher", "prune", "decompose", "export", "quantize"]
+    assert "baseline: teacher int8 (ORT)" in stages and stages[-3:] == ["build", "bench", "package"]
+    rows = {r["stage"]: r for r in ledger["rows"]}
+    for name in ("teacher", "prune", "decompose", "quantize"):
+        r = rows[name]
+        assert r["params"] > 0 and r["macs"] > 0 and r["bytes"] > 0 and r["latency_ms"] > 0 and r["wall_s"] >= 0
+        assert {"accuracy", "macro_f1", "recall", "auc", "ece"} <= set(r["metrics"])
+        assert set(r["metrics"]["recall"]) == {"normal", "benign", "malignant"}
+    assert rows["prune"]["macs"] < rows["teacher"]["macs"]
+    assert rows["decompose"]["macs"] <= rows["prune"]["macs"]
+    assert (out / "00-teacher" / "model.pt").is_file() and (out / "01-prune" / "model.pt").is_file()
+    assert (out / "config.yaml").is_file() and (out / "ledger.md").read_text().startswith("| stage")
+
+
+def test_report_and_robustness(tiny_run):
+    out, result = tiny_run
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 4          # self-contained figures
+    assert "Clinical gates" in (out / "report.md").read_text()
+    rob = json.loads((out / "robustness.json").read_text())
+    assert set(rob["teacher"]) == {"clean", "speckle", "gain", "blur", "shadow"}
+    assert len(rob["student"]["blur"]) == 3
+
+
+def test_bundle_verifies(tiny_run):
+    from edgeus.deploy import verify
+
+    out, result = tiny_run
+    assert result["bundle"] and verify(result["bundle"])["ok"]
+
+
+def test_failed_gate_names_stage_and_metric_and_keeps_artifacts(tmp_path):
+    cfg = compose(TINY + [f"out={tmp_path / 'g'}", "recipe.stages=[teacher,prune]", "gates.max_ece_rise=-1.0",
+                          "compress.robustness=false"])
+    with pytest.raises(GateError, match="stage prune: ECE rise"):
+        compress(cfg)
+    assert (tmp_path / "g" / "01-prune" / "model.pt").is_file() and (tmp_path / "g" / "report.html").is_file()
+
+
+def test_killed_run_resumes_to_the_same_ledger(tmp_path):
+    args = TINY + ["recipe.stages=[teacher,prune,decompose,export,quantize]", "compress.robustness=false",
+                   "compress.report=false", "compress.baseline_int8=false", "gates.enforce=false",
+                   "prune.finetune_epochs=3"]
+    ref = tmp_path / "ref"
+    compress(compose(args + [f"out={ref}"]))
+
+    run = tmp_path / "killed"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "edgeus.cli", "compress", *args, f"out={run}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run / "01-prune").exists():   # the prune stage has started
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = json.loads((run / "state.json").read_text())
+    assert "teacher" in state["done"] and "quantize" not in state["done"]
+
+    r = subprocess.run([sys.executable, "-m", "edgeus.cli", "compress", f"resume={run}"], capture_output=True,
+                       text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "teacher: done (resumed)" in r.stdout
+
+    def key(path):
+        rows = json.loads((path / "ledger.json").read_text())["rows"]
+        return [(x["stage"], x.get("params"), x.get("macs"), json.dumps(x.get("metrics"), sort_keys=True))
+                for x in rows]
+
+    assert key(run) == key(ref)
+
+
+def test_cli_lists_recipes_and_rejects_bad_stage_names(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "edgeus.cli", "recipes"], capture_output=True, text=True)
+    assert r.returncode == 0 and "rsmas_int8" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "edgeus.cli", "compress", "recipe=rsmas_int8", "stages=[prnue]",
+                        f"out={tmp_path / 'x'}"], capture_output=True, text=True)
+    assert r.returncode == 2 and "prnue" in r.stderr
