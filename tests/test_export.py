@@ -68,8 +68,10 @@ def test_opset_below_13_is_refused(small, tmp_path):
     from edgeus.errors import EdgeusError
 
     model, _ = small
+    cfg = compose(["data.image_size=32", "export.opset=12"])
+    cfg.target.quant = {}                     # no target opset to raise it
     with pytest.raises(EdgeusError, match="opset"):
-        export_onnx(model, tmp_path / "m.onnx", compose(["data.image_size=32", "export.opset=12"]))
+        export_onnx(model, tmp_path / "m.onnx", cfg)
 
 
 def test_target_opset_raises_export_opset(small, tmp_path):
