@@ -221,7 +221,12 @@ def make_forward_fn(pruners: dict[type, BlockPruner], transparent: dict[type, st
                 m.forward = _fwd
                 patched.append(m)
         try:
-            return model(example)
+            out = model(example)
+            # heads whose output the model caches for an auxiliary loss (two_stage's segmentation
+            # logits, detached before the classifier) are outputs too: trace them so they get pruned
+            aux = [v for k, v in vars(model).items() if k.startswith("last_") and torch.is_tensor(v)
+                   and v.grad_fn is not None]
+            return (out, *aux) if aux else out
         finally:
             for m in patched:
                 del m.forward

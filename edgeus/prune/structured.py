@@ -48,10 +48,8 @@ def _count_macs(model: nn.Module, example: torch.Tensor) -> int:
 
 
 def _trace_kwargs(info: GraphInfo) -> dict:
-    kw = {"customized_pruners": dict(info.pruners) or None}
-    if info.pruners or info.transparent:
-        kw["forward_fn"] = cp.make_forward_fn(info.pruners, info.transparent)
-    return kw
+    return {"customized_pruners": dict(info.pruners) or None,
+            "forward_fn": cp.make_forward_fn(info.pruners, info.transparent)}
 
 
 def analyse(model: nn.Module, example: torch.Tensor, ignore: list[str] = ()) -> GraphInfo:
@@ -172,10 +170,15 @@ def search_ratio(model: nn.Module, example: torch.Tensor, info: GraphInfo, targe
     return c, r, macs, inner, True
 
 
+LAYER_TYPES = {"Conv1d", "Conv2d", "Conv3d", "Linear", "SCConv", "MDTA"}
+
+
 def channel_table(before: dict, after: dict) -> dict[str, list]:
     """{module: [out channels before, after]} for every conv / linear / block."""
     table = {}
     for name, a in after.items():
+        if a["type"] not in LAYER_TYPES:
+            continue
         attrs_a, attrs_b = a["attrs"], before[name]["attrs"]
         for key in ("out_channels", "out_features"):
             if key in attrs_a and key in attrs_b:

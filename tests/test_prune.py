@@ -1,0 +1,268 @@
+"""Pruning: every registry model prunes, runs and exports; custom SCConv / MDTA pruners; MACs budget;
+unstructured and 2:4 sparsity; checkpoint round trip in a fresh process; recovery after fine-tuning."""
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from edgeus.config import compose
+from edgeus.models import create_model, list_models
+from edgeus.prune import prune_model
+from edgeus.prune.custom_pruners import MDTAPruner, SCConvPruner
+from edgeus.prune.semi_structured import check_2_4
+from edgeus.prune.unstructured import cubic_schedule
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 32
+
+
+def _cfg(*over):
+    return compose([f"data.image_size={SIZE}", "prune.measure_latency=false", *over])
+
+
+def _onnx_parity(model, x, path):
+    import onnxruntime as ort
+
+    from edgeus.prune.measure import export
+
+    export(model, x, path)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        ref = model(x).numpy()
+    return float(np.abs(got - ref).max()), float(np.abs(ref).max())
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registry_model_prunes_runs_and_exports(name, tmp_path):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=3, in_chans=1, width=0.25)
+    model, rep = prune_model(model, _cfg("prune.ratio=0.4"))
+    assert rep["after"]["macs"] < 0.8 * rep["before"]["macs"], rep["macs_ratio"]
+    assert rep["after"]["params"] < rep["before"]["params"]
+    x = torch.randn(1, 1, SIZE, SIZE)
+    assert model(x).shape == (1, 3)
+    diff, scale = _onnx_parity(model.eval(), x, tmp_path / f"{name}.onnx")
+    assert diff <= 1e-4 * max(1.0, scale)
+    s = rep["structured"]
+    assert any(w["layer"] for w in s["layers_left_whole"])          # at least the classifier, with a reason
+    assert all(w["reason"] for w in s["layers_left_whole"])
+    json.dumps(rep)
+    if name == "rsmas":   # the custom blocks were pruned, not skipped
+        assert set(s["block_pruners"]) == {"SCConv", "MDTA"}
+        cuts = s["steps_detail"][0]["internal_cuts"]
+        assert any("cru.up_squeezed" in c for c in cuts.values()) and any("attention_dim" in c for c in cuts.values())
+        blk = model.layer4[0]
+        assert blk.conv1.out_channels < create_model("rsmas", num_classes=3, width=0.25).layer4[0].conv1.out_channels
+
+
+def test_scconv_pruner_cuts_exactly():
+    """Output channels of the CRU fuse channel-wise: cutting outputs leaves the kept ones unchanged,
+    and cutting squeezed channels whose weights are zero changes nothing."""
+    from edgeus.models.rsmas import SCConv
+
+    torch.manual_seed(0)
+    blk = SCConv(32, gn_groups=8).eval()
+    x = torch.randn(2, 32, 6, 6)
+    p = SCConvPruner()
+    with torch.no_grad():
+        y = blk(x)
+        b = copy.deepcopy(blk)
+        drop = [0, 3] + [16, 19]                                      # same count in both gwc groups
+        p.prune_out_channels(b, drop)
+        keep = [i for i in range(32) if i not in drop]
+        assert torch.allclose(b(x), y[:, keep], atol=1e-5)
+        # internal: make two squeezed channels (one per gwc group) dead, then cut them: output unchanged
+        b = copy.deepcopy(blk)
+        n, per_in = b.cru.up_squeezed, b.cru.up_squeezed // 2
+        dead = [0, per_in]
+        b.cru.squeeze1.weight[dead] = 0
+        b.cru.pwc1.weight[:, dead] = 0
+        b.cru.gwc.weight[:, 0] = 0                                    # local input 0 of each gwc group
+        y0 = b(x)
+        cut = p.prune_internal(b, 1.0 / per_in)
+        assert cut["cru.up_squeezed"] == [n, n - 2]
+        assert torch.allclose(b(x), y0, atol=1e-5)
+        # input side: pairs (i, i + C/2), same count per GroupNorm group
+        b = copy.deepcopy(blk)
+        per = 32 // 8
+        p.prune_in_channels(b, [g * per for g in range(8)])
+        assert b.sru.gn.num_channels == 24 and b.cru.up_channels + b.cru.low_channels == 24
+        assert b(x[:, [i for i in range(32) if i % per]]).shape == (2, 32, 6, 6)   # outputs untouched
+
+
+def test_mdta_pruner_keeps_heads_uniform():
+    from edgeus.models.rsmas import MDTA
+
+    torch.manual_seed(0)
+    blk = MDTA(32, num_heads=4).eval()
+    p = MDTAPruner()
+    p.prune_out_channels(blk, [1, 5, 9, 30])                          # residual: in == out indices
+    cut = p.prune_internal(blk, 0.5)
+    assert cut == {"attention_dim": [28, 16], "num_heads": 4} or cut["attention_dim"][1] % 4 == 0
+    assert blk.qkv.out_channels == 3 * blk.project_out.in_channels
+    assert blk.project_out.in_channels % blk.num_heads == 0
+    y = blk(torch.randn(2, 28, 5, 5))
+    assert y.shape == (2, 28, 5, 5) and torch.isfinite(y).all()
+
+
+class _Toy(nn.Module):
+    """Residual add, concatenation, depth-wise and grouped convolutions in one small net."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.Conv2d(16, 16, 1), nn.BatchNorm2d(16))
+        self.b = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.c = nn.Conv2d(32, 24, 1)
+        self.fc = nn.Linear(24, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.a(x))
+        x = torch.cat([x, self.b(x)], 1)
+        return self.fc(self.c(x).mean((2, 3)))
+
+
+def test_macs_budget_is_met_and_iterative_steps():
+    from edgeus.models.profile import count_macs
+
+    torch.manual_seed(0)
+    model = create_model("resnet50", num_classes=3, width=0.125)
+    m0 = count_macs(model, SIZE, 1)
+    model, rep = prune_model(model, _cfg("prune.target_macs=0.3", "prune.steps=2"))
+    frac = count_macs(model, SIZE, 1) / m0
+    assert rep["structured"]["budget_met"]
+    assert 0.3 * 0.85 <= frac <= 0.3 * 1.03, frac
+    assert len(rep["structured"]["steps_detail"]) == 2
+    assert rep["structured"]["steps_detail"][0]["macs"] > rep["structured"]["steps_detail"][1]["macs"]
+    # a hand-made net with add / cat / depth-wise / grouped convs, global ranking and L1
+    toy = _Toy()
+    toy.edgeus_arch = {"in_chans": 1}
+    toy, rep = prune_model(toy, _cfg("prune.ratio=0.5", "prune.global_pruning=true", "prune.importance=l1"))
+    assert toy(torch.randn(2, 1, SIZE, SIZE)).shape == (2, 3)
+    assert toy.b.out_channels % 4 == 0 and toy.a[0].groups == toy.a[0].out_channels
+    assert rep["macs_ratio"] < 0.75
+
+
+def test_unstructured_sparsity_level_and_no_masks_left():
+    torch.manual_seed(0)
+    model = create_model("simple_cnn", num_classes=3, width=0.5)
+    model, rep = prune_model(model, _cfg("prune.method=unstructured", "prune.sparsity=0.6", "prune.sparsity_steps=3"))
+    u = rep["unstructured"]
+    assert abs(u["achieved_sparsity"] - 0.6) <= 0.01
+    assert not any(k.endswith(("_orig", "_mask")) for k in model.state_dict())
+    assert not u["masks_left_in_state_dict"]
+    assert u["file_bytes"]["after"]["gzip_bytes"] < u["file_bytes"]["before"]["gzip_bytes"]
+    assert u["file_bytes"]["after"]["dense_bytes"] == u["file_bytes"]["before"]["dense_bytes"]
+    assert "does not speed up" in u["note"]
+    s = cubic_schedule(0.8, 4)
+    assert s == sorted(s) and abs(s[-1] - 0.8) < 1e-9 and s[0] > 0.8 / 4     # front-loaded (cubic)
+    zeros = sum(int((m.weight == 0).sum()) for m in model.modules() if isinstance(m, nn.Conv2d))
+    total = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert abs(zeros / total - 0.6) < 0.02
+
+
+def test_2_4_pattern_in_every_group_of_four():
+    torch.manual_seed(0)
+    model = create_model("resnet50", num_classes=3, width=0.125)
+    model, rep = prune_model(model, _cfg("prune.method=semi_structured"))
+    ss = rep["semi_structured"]
+    assert ss["pattern_holds"] and len(ss["layers_2_4"]) > 10
+    assert any("conv1" == w["layer"] for w in ss["layers_left_dense"])   # 1-channel stem: not a multiple of 4
+    for name in ss["layers_2_4"]:
+        w = model.get_submodule(name).weight.detach()
+        g = (w.permute(0, 2, 3, 1) if w.dim() == 4 else w).reshape(-1, 4)  # groups of 4 input channels
+        assert int((g != 0).sum(1).max()) <= 2, name
+        assert check_2_4(w)
+    # structured then 2:4: channel counts rounded to 4 so every layer can take the pattern
+    m = create_model("simple_cnn", num_classes=3, width=0.5)
+    m, rep = prune_model(m, _cfg("prune.method=structured+semi_structured", "prune.ratio=0.3"))
+    assert rep["structured"]["round_to"] == 4
+    assert all(ch[1] % 4 == 0 for n, ch in rep["structured"]["channels"].items() if n != "fc")
+
+
+def test_checkpoint_round_trip_in_fresh_process(tmp_path):
+    from edgeus.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = create_model("rsmas", num_classes=3, in_chans=1, width=0.125, mdta_mode="after")
+    model, rep = prune_model(model, _cfg("prune.ratio=0.5", "prune.method=structured+unstructured",
+                                         "prune.sparsity=0.3"))
+    model.eval()
+    x = torch.randn(2, 1, SIZE, SIZE)
+    with torch.no_grad():
+        ref = model(x)
+    ckpt = tmp_path / "pruned.pt"
+    save_checkpoint(ckpt, model, classes=["a", "b", "c"], preprocessing={"image_size": SIZE, "in_chans": 1,
+                                                                        "mean": [0.5], "std": [0.25]})
+    torch.save({"x": x, "y": ref}, tmp_path / "io.pt")
+    code = (
+        "import sys, torch\n"
+        "from edgeus.train.checkpoint import load_checkpoint\n"
+        f"m, c = load_checkpoint({str(ckpt)!r})\n"
+        f"io = torch.load({str(tmp_path / 'io.pt')!r}, weights_only=True)\n"
+        "with torch.no_grad():\n"
+        "    d = (m(io['x']) - io['y']).abs().max().item()\n"
+        "print('DIFF', d)\n"
+        "sys.exit(0 if d < 1e-5 else 1)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+    kinds = [t["kind"] for t in raw["transforms"]]
+    assert kinds == ["prune", "sparsity"]
+
+
+def test_cli_prune(tmp_path):
+    from edgeus.cli import main
+    from edgeus.train.checkpoint import load_checkpoint, save_checkpoint
+
+    model = create_model("simple_cnn", num_classes=3, width=0.25)
+    src = tmp_path / "m.pt"
+    save_checkpoint(src, model, classes=["normal", "benign", "malignant"],
+                    preprocessing={"image_size": SIZE, "in_chans": 1, "mean": [0.5], "std": [0.25]})
+    out = tmp_path / "p.pt"
+    assert main(["prune", str(src), "prune.target_macs=0.5", "prune.measure_latency=false", f"out={out}"]) == 0
+    m2, ck = load_checkpoint(out)
+    assert ck["classes"] == ["normal", "benign", "malignant"]
+    rep = json.loads(out.with_suffix(".prune.json").read_text())
+    assert rep["macs_ratio"] <= 0.5 * 1.03
+    assert main(["prune", str(src), "prune.method=nonsense", f"out={out}"]) == 2
+
+
+def test_rsmas_recovers_after_pruning_and_finetuning():
+    """Tiny RSMAS on the phantom: train, prune 50 % of channels, fine-tune; accuracy comes back to
+    within 2 points of the unpruned model's (same held-out images, fixed seed)."""
+    from edgeus.data import build_datasets, build_loaders
+    from edgeus.evaluate import predict_torch
+    from edgeus.train import Supervised, fit
+
+    cfg = _cfg("data.n_per_class=40", "data.batch_size=16", "data.augment=false", "train.epochs=6",
+               "train.lr=0.003", "seed=0", "prune.ratio=0.5", "prune.finetune_epochs=4")
+    bundle = build_datasets(cfg.data)
+    loaders = build_loaders(bundle, cfg.data)
+
+    def accuracy(m):
+        ys, ps = zip(*(predict_torch(m, loaders[k]) for k in ("val", "test")))
+        y, p = np.concatenate(ys), np.concatenate(ps)
+        return float((p.argmax(1) == y).mean())
+
+    torch.manual_seed(0)
+    model = create_model("rsmas", num_classes=3, width=0.125)
+    fit(Supervised(model), loaders, cfg.train, None, classes=bundle.classes, preprocessing=bundle.preprocessing,
+        desc="teacher")
+    acc0 = accuracy(model)
+    assert acc0 > 0.5                                                 # learned something (chance: 1/3)
+    pruned, rep = prune_model(copy.deepcopy(model), cfg, bundle=bundle)
+    assert rep["macs_ratio"] < 0.5
+    acc1 = accuracy(pruned)
+    assert acc1 >= acc0 - 0.02, (acc0, acc1)
