@@ -107,3 +107,32 @@ def test_cli_lists_recipes_and_rejects_bad_stage_names(tmp_path):
     r = subprocess.run([sys.executable, "-m", "edgeus.cli", "compress", "recipe=rsmas_int8", "stages=[prnue]",
                         f"out={tmp_path / 'x'}"], capture_output=True, text=True)
     assert r.returncode == 2 and "prnue" in r.stderr
+
+
+@pytest.mark.parametrize("name", ["rsmas_int8", "resnet50_prune_kd_int8", "efficientnet_cbam_int8",
+                                  "dsc_sta_student_int8", "two_stage_int8", "mobilenetv2_kd_int8"])
+def test_every_recipe_composes_with_its_profiles(name):
+    from edgeus import resources
+    from edgeus.models import list_models
+    from edgeus.pipeline.stages import STAGES
+
+    assert name in resources.list_options("recipes")
+    for extra in ([], ["profile=full"], ["target=jetson_orin_nano"]):
+        cfg = compose([f"recipe={name}", *extra])
+        assert cfg.recipe.name == name and set(cfg.recipe.stages) <= set(STAGES)
+        assert cfg.model.name in list_models()
+        if cfg.distill.student:
+            assert cfg.distill.student in list_models()
+
+
+def test_distillation_recipe_trains_a_student_of_another_architecture(tmp_path):
+    cfg = compose(["recipe=dsc_sta_student_int8", "model.name=simple_cnn", "model.width=0.25",
+                   "data.n_per_class=12", "data.image_size=32", "data.phantom_size=64", "train.epochs=1",
+                   "distill.epochs=1", "distill.student=dsc_sta", "recipe.stages=[teacher,distill]",
+                   "compress.robustness=false", "compress.latency_iters=3", "gates.enforce=false", f"out={tmp_path}"])
+    compress(cfg)
+    rows = {r["stage"]: r for r in json.loads((tmp_path / "ledger.json").read_text())["rows"]}
+    from edgeus.train.checkpoint import read_checkpoint
+
+    assert read_checkpoint(tmp_path / "01-distill" / "model.pt")["arch"]["name"] == "dsc_sta"
+    assert rows["distill"]["params"] != rows["teacher"]["params"]
