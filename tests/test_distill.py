@@ -260,7 +260,7 @@ def test_teacher_logits_cached_by_index():
     teacher, student = _pair()
     calls = []
     h = teacher.register_forward_hook(lambda m, i, o: calls.append(len(o)))
-    d = build_distiller(student, teacher, DistillConfig(losses=["ce", "kd"], cache_teacher=True), image_size=32)
+    d = build_distiller(student, teacher, DistillConfig(losses=["ce", "kd"]), image_size=32, cache_teacher=True)
     calls.clear()
     b = _batch()
     d.train()
@@ -270,6 +270,38 @@ def test_teacher_logits_cached_by_index():
     h.remove()
     with torch.no_grad():
         assert torch.allclose(d._teacher_logits(b["image"], b["index"]), teacher(b["image"]), atol=1e-6)
+    # with feature losses the tapped teacher features are cached too
+    cfg = DistillConfig(losses=["kd", "fitnet"])
+    with build_distiller(student, teacher, cfg, image_size=32, cache_teacher=True) as d:
+        d.train()
+        fresh = d._teacher(b["image"], b["index"])
+        cached = d._teacher(b["image"], b["index"])
+        assert d.cache_hits == 1 and torch.allclose(fresh[1][0], cached[1][0])
+        assert set(d.forward_train(b)[1]) == {"kd", "fitnet"}
+
+
+def test_cache_teacher_refused_under_augmentation():
+    from edgeus.data import build_datasets
+
+    cfg = compose(["data.n_per_class=6", "data.image_size=32", "data.phantom_size=48", "train.epochs=1",
+                   "train.max_steps_per_epoch=1", "distill.cache_teacher=true", "data.augment=true"])
+    teacher, student = _pair()
+    _, report = distill(student, teacher, cfg, build_datasets(cfg.data), out_dir=None)
+    assert not report["cache_teacher"] and any("augmented" in n for n in report["notes"])
+
+
+def test_across_architectures_rsmas_to_dsc_sta():
+    teacher = create_model("rsmas", width=0.125)
+    student = create_model("dsc_sta", width=0.25)
+    cfg = DistillConfig(losses=["ce", "dkd", "fitnet", "at"], pre_relu=True)
+    with build_distiller(student, teacher, cfg, image_size=32) as d:
+        pair = d.describe()["pairs"][0]
+        assert pair["teacher"] == "layer4" and pair["teacher_shape"][0] != pair["student_shape"][0]
+        d.train()
+        _, losses = d.forward_train(_batch(2))
+        sum(losses.values()).backward()
+        assert all(torch.isfinite(v) for v in losses.values())
+    assert count_hooks(teacher) == 0 and count_hooks(student) == 0
 
 
 def test_dkd_warmup_ramps_with_the_epoch():

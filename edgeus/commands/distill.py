@@ -15,7 +15,8 @@ kd (Hinton, distill.temperature, T^2-scaled; or distill.alpha mixes ce and kd), 
 distill.dkd_alpha, distill.dkd_beta, distill.dkd_warmup), fitnet (1x1 conv + BN adapter, MSE on
 feature maps), at (attention transfer, distill.at_p). Feature pairs are [teacher_module,
 student_module] paths from model.named_modules(); without distill.pairs the last feature stage of
-each model is used. distill.cache_teacher=true reuses teacher logits when data.augment=false.
+each model is used. distill.cache_teacher=true computes the teacher's outputs once per
+sample and reuses them every epoch (only when data.augment=false).
 
 Writes <out>/student.pt (the best student by train.metric), best.pt, last.pt, distill_report.json;
 prints the student's validation and test metrics next to the teacher's.
@@ -47,6 +48,8 @@ def run(cfg, args):
     from edgeus import config as C
     from edgeus.data import build_datasets
     from edgeus.distill import distill
+    from edgeus.distill.base import resolve_weights
+    from edgeus.distill.hooks import validate_pairs
     from edgeus.errors import CheckpointError, EdgeusError
     from edgeus.evaluate import format_metrics
     from edgeus.train.checkpoint import load_checkpoint, save_checkpoint
@@ -60,21 +63,25 @@ def run(cfg, args):
     student_spec = args[1] if len(args) > 1 else cfg.distill.student
     device = resolve_device(cfg.device)
 
+    resolve_weights(cfg.distill)  # a mistyped loss name fails before anything is loaded
     teacher, tckpt = load_checkpoint(teacher_path)
     pre = tckpt["preprocessing"]
-    cfg.data.classes = list(tckpt["classes"])
+    classes = list(tckpt["classes"])
+    cfg.data.classes = classes
     if pre:
         cfg.data.image_size = int(pre["image_size"])
         cfg.data.in_chans = int(pre["in_chans"])
         cfg.data.mean = [float(v) for v in pre["mean"]]
         cfg.data.std = [float(v) for v in pre["std"]]
-    bundle = build_datasets(cfg.data)
-    if bundle.classes != list(tckpt["classes"]):
-        raise CheckpointError(f"{teacher_path} was trained on classes {tckpt['classes']}, the data has {bundle.classes}")
     torch.manual_seed(int(cfg.seed))
-    student, sckpt, student_desc = _student(cfg, student_spec, len(bundle.classes))
-    if sckpt is not None and sckpt["classes"] != bundle.classes:
-        raise CheckpointError(f"{student_spec} classifies {sckpt['classes']}, the teacher {bundle.classes}")
+    student, sckpt, student_desc = _student(cfg, student_spec, len(classes))
+    if sckpt is not None and sckpt["classes"] != classes:
+        raise CheckpointError(f"{student_spec} classifies {sckpt['classes']}, the teacher {classes}")
+    if cfg.distill.pairs:
+        validate_pairs(teacher, student, [list(p) for p in cfg.distill.pairs])  # before the data is read
+    bundle = build_datasets(cfg.data)
+    if bundle.classes != classes:
+        raise CheckpointError(f"{teacher_path} was trained on classes {classes}, the data has {bundle.classes}")
 
     out = Path(cfg.out or cfg.train.out or Path(cfg.out_dir) / f"distill-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)

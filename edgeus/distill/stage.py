@@ -63,7 +63,7 @@ def _probe_shapes(model: nn.Module, paths: list[str], example: torch.Tensor) -> 
 
 def build_distiller(student: nn.Module, teacher: nn.Module, distill_cfg=None, class_weights=None, *,
                     example_input: torch.Tensor | None = None, image_size: int | None = None,
-                    steps_per_epoch: int | None = None, cache_teacher: bool | None = None,
+                    steps_per_epoch: int | None = None, cache_teacher: bool = False,
                     teacher_cache: dict | None = None) -> Distiller:
     """A :class:`Distiller` for ``distill_cfg`` (``cfg.distill``; a DictConfig or DistillConfig).
 
@@ -113,19 +113,23 @@ def build_distiller(student: nn.Module, teacher: nn.Module, distill_cfg=None, cl
         if taps is not None:
             taps.close()
         raise
-    cache = bool(getattr(cfg, "cache_teacher", False)) if cache_teacher is None else bool(cache_teacher)
+    # cfg.cache_teacher is honoured by distill(), which first checks that the data is not augmented;
+    # a direct caller opts in with cache_teacher=True (cached outputs are wrong under augmentation)
+    cache = bool(cache_teacher)
     return Distiller(student, teacher, terms, weights, taps=taps, pairs=pairs, cache_teacher=cache,
                      steps_per_epoch=steps_per_epoch, cache=teacher_cache)
 
 
 def distill(student: nn.Module, teacher: nn.Module, cfg, bundle, out_dir, device: str = "cpu",
-            loaders: dict | None = None, teacher_cache: dict | None = None) -> tuple[nn.Module, dict]:
+            loaders: dict | None = None, teacher_cache: dict | None = None,
+            evaluate: bool = True) -> tuple[nn.Module, dict]:
     """Train ``student`` from ``teacher`` with the losses of ``cfg.distill`` (root config).
 
     Runs :func:`edgeus.train.fit` for ``distill.epochs`` (default ``train.epochs``) at
     ``distill.lr`` (default ``train.lr``), keeps the best student by the validation metric
     (``train.metric``), removes its hooks, and returns ``(student, report)``; the report says which
-    losses and pairs were used, what the feature taps did and the final val/test metrics.
+    losses and pairs were used, what the feature taps did and (``evaluate``) the student's final
+    val/test metrics and the teacher's val metrics.
     """
     from edgeus.data import build_loaders
     from edgeus.evaluate import compute_metrics, predict_torch
@@ -176,12 +180,13 @@ def distill(student: nn.Module, teacher: nn.Module, cfg, bundle, out_dir, device
         cache_hits = distiller.cache_hits
     student = result.model
     student.eval()
-    metrics = {}
-    for split in ("val", "test"):
-        y, p = predict_torch(student, loaders[split], device)
-        metrics[split] = compute_metrics(y, p, bundle.classes)
-    y, p = predict_torch(teacher, loaders["val"], device)
-    teacher_val = compute_metrics(y, p, bundle.classes)
+    metrics = {"val": None, "test": None, "teacher_val": None}
+    if evaluate:
+        for split in ("val", "test"):
+            y, p = predict_torch(student, loaders[split], device)
+            metrics[split] = compute_metrics(y, p, bundle.classes)
+        y, p = predict_torch(teacher, loaders["val"], device)
+        metrics["teacher_val"] = compute_metrics(y, p, bundle.classes)
     report = {
         "stage": "distill",
         "teacher": model_label(teacher),
@@ -194,7 +199,7 @@ def distill(student: nn.Module, teacher: nn.Module, cfg, bundle, out_dir, device
         "seconds": round(time.time() - t0, 1),
         "teacher_cache_hits": cache_hits,
         "notes": notes + desc.get("feature_taps", []),
-        "teacher_val": teacher_val,
+        "teacher_val": metrics["teacher_val"],
         "val": metrics["val"],
         "test": metrics["test"],
         "best_path": str(result.best_path) if result.best_path else None,
