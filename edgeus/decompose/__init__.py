@@ -1,0 +1,30 @@
+"""Low-rank decomposition: Tucker-2 of k x k convolutions, truncated SVD of linears and 1x1
+convolutions, rank selection (ratio, energy, VBMF, global MACs budget), then fine-tuning.
+
+    from edgeus.decompose import decompose_model
+    student, report = decompose_model(model, cfg, bundle=bundle, teacher=teacher)
+
+Imports are lazy: ``edgeus.config`` imports ``edgeus.decompose.config`` and must not pull in torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "decompose_model": "edgeus.decompose.api",
+    "decompose_layers": "edgeus.decompose.api",
+    "format_table": "edgeus.decompose.api",
+    "decompose_conv": "edgeus.decompose.tucker",
+    "decompose_linear": "edgeus.decompose.svd",
+    "decompose_pointwise": "edgeus.decompose.svd",
+    "evbmf": "edgeus.decompose.vbmf",
+    "evbmf_rank": "edgeus.decompose.vbmf",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'edgeus.decompose' has no attribute {name!r}")

@@ -1,0 +1,199 @@
+"""``decompose_model``: the decomposition stage as one function over (model, config, data)."""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+
+import torch.nn as nn
+
+from edgeus.decompose.layers import find_layers
+from edgeus.decompose.ranks import RANK_MODES, select_ranks
+from edgeus.decompose.structure import set_module
+from edgeus.decompose.svd import svd_linear_decompose, svd_pointwise_decompose
+from edgeus.decompose.tucker import METHODS, tucker2_decompose
+from edgeus.errors import EdgeusError
+from edgeus.models.profile import count_macs, count_params
+from edgeus.models.structure import record_transform
+
+log = logging.getLogger(__name__)
+
+
+def _params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def check_config(dcfg) -> None:
+    if dcfg.method not in METHODS:
+        raise EdgeusError(f"decompose.method={dcfg.method!r}: use one of {', '.join(METHODS)}")
+    if dcfg.rank_mode not in RANK_MODES:
+        raise EdgeusError(f"decompose.rank_mode={dcfg.rank_mode!r}: use one of {', '.join(RANK_MODES)}")
+    if dcfg.rank_mode == "budget" and not 0.0 < float(dcfg.target_macs) <= 1.0:
+        raise EdgeusError(f"decompose.target_macs={dcfg.target_macs}: a fraction of the model's MACs in (0, 1]")
+    if dcfg.rank_mode == "ratio" and not 0.0 < float(dcfg.ratio) <= 1.0:
+        raise EdgeusError(f"decompose.ratio={dcfg.ratio}: a fraction of the channels in (0, 1]")
+    if dcfg.rank_mode == "energy" and not 0.0 < float(dcfg.energy) <= 1.0:
+        raise EdgeusError(f"decompose.energy={dcfg.energy}: a fraction of the energy in (0, 1]")
+
+
+def decompose_layers(model: nn.Module, cfg, *, image_size: int, in_chans: int) -> tuple[nn.Module, dict]:
+    """Decompose ``model`` in place (``cfg`` = the decompose section). Returns (model, report)."""
+    check_config(cfg)
+    t0 = time.time()
+    macs_before = count_macs(model, image_size, in_chans)
+    params_before = count_params(model)
+    layers, skipped = find_layers(model, image_size, in_chans, cfg)
+    fixed = macs_before - sum(l.macs for l in layers)
+    plan, info = select_ranks(layers, cfg, fixed_macs=fixed, total_macs=macs_before)
+
+    entries, specs = [], {}
+    for layer in layers:
+        ranks = plan.get(layer.name)
+        if ranks is None:
+            why = ("kept whole: the budget is met at less error elsewhere" if cfg.rank_mode == "budget"
+                   else f"{cfg.rank_mode} ranks would not save MACs")
+            skipped.append({"name": layer.name, "type": type(layer.module).__name__, "shape": layer.shape,
+                            "reason": why})
+            continue
+        if layer.kind == "tucker2":
+            new, info_l = tucker2_decompose(layer.module, ranks, cfg.method, iters=int(cfg.hooi_iters))
+            spec = {"type": "tucker2", "ranks": info_l["ranks"], "first": info_l["first"], "last": info_l["last"]}
+        elif layer.kind == "svd_conv":
+            new, info_l = svd_pointwise_decompose(layer.module, ranks[0])
+            spec = {"type": "svd_conv", "ranks": info_l["ranks"]}
+        else:
+            new, info_l = svd_linear_decompose(layer.module, ranks[0])
+            spec = {"type": "svd_linear", "ranks": info_l["ranks"]}
+        macs_after = layer.macs_at(ranks)
+        entries.append({
+            "name": layer.name, "type": layer.kind, "shape": layer.shape, "ranks": list(spec["ranks"]),
+            "full_ranks": list(layer.modes), "in_hw": list(layer.in_hw), "out_hw": list(layer.out_hw),
+            "macs_before": int(layer.macs), "macs_after": int(macs_after),
+            "params_before": _params(layer.module), "params_after": _params(new),
+            "rel_error": float(info_l["rel_error"]),
+        })
+        specs[layer.name] = spec
+        set_module(model, layer.name, new)
+
+    if specs:
+        record_transform(model, {"kind": "decompose", "method": cfg.method, "rank_mode": cfg.rank_mode,
+                                 "layers": specs})
+    macs_after = count_macs(model, image_size, in_chans)
+    params_after = count_params(model)
+    expected = macs_before - sum(e["macs_before"] for e in entries) + sum(e["macs_after"] for e in entries)
+    report = {
+        "stage": "decompose",
+        "method": cfg.method,
+        "rank_mode": cfg.rank_mode,
+        "input_size": int(image_size),
+        "in_chans": int(in_chans),
+        "macs_before": int(macs_before),
+        "macs_after": int(macs_after),
+        "macs_ratio": macs_after / max(macs_before, 1),
+        "macs_formula": int(expected),
+        "params_before": int(params_before),
+        "params_after": int(params_after),
+        "params_ratio": params_after / max(params_before, 1),
+        "layers": entries,
+        "skipped": skipped,
+        "n_decomposed": len(entries),
+        "seconds": round(time.time() - t0, 3),
+    }
+    if cfg.rank_mode == "budget":
+        target = info["target_macs"]
+        report["budget"] = {"target_fraction": float(cfg.target_macs), "target_macs": int(target),
+                            "feasible": bool(info["feasible"]),
+                            "met": bool(macs_after <= target * 1.0 + 0.5),
+                            "achieved_fraction": macs_after / max(macs_before, 1)}
+        if not info["feasible"]:
+            log.warning("decompose: budget %.3f of MACs not reachable; got %.3f", cfg.target_macs,
+                        report["macs_ratio"])
+    elif cfg.rank_mode == "ratio":
+        report["ratio"] = float(cfg.ratio)
+    elif cfg.rank_mode == "energy":
+        report["energy"] = float(cfg.energy)
+    if expected != macs_after:  # the formula and the op counter disagree: say so, do not hide it
+        log.warning("decompose: MACs by formula %d != counted %d", expected, macs_after)
+    return model, report
+
+
+def decompose_model(model: nn.Module, cfg, bundle=None, teacher: nn.Module | None = None, device: str = "cpu",
+                    out_dir: str | Path | None = None) -> tuple[nn.Module, dict]:
+    """The decompose stage: Tucker-2 / SVD with ranks by ``cfg.decompose.rank_mode``, then fine-tuning.
+
+    ``cfg`` is the root config (``cfg.decompose`` for the settings, ``cfg.data.image_size`` and
+    ``cfg.data.in_chans`` for counting MACs). The input model is not modified; the decomposed copy
+    carries a ``decompose`` structure record, so its checkpoints reload with ``load_checkpoint``.
+    When ``cfg.decompose.finetune_epochs > 0`` and ``bundle`` is given it is fine-tuned with
+    :func:`edgeus.train.finetune` (with ``teacher``: by distillation).
+    """
+    dcfg = cfg.decompose
+    if not dcfg.enabled:
+        return model, {"stage": "decompose", "enabled": False}
+    check_config(dcfg)
+    model = copy.deepcopy(model).cpu()
+    model, report = decompose_layers(model, dcfg, image_size=int(cfg.data.image_size),
+                                     in_chans=int(cfg.data.in_chans))
+    report["enabled"] = True
+    epochs = int(dcfg.finetune_epochs)
+    if epochs > 0 and bundle is not None and report["n_decomposed"]:
+        from edgeus.train import finetune
+
+        ft_dir = Path(out_dir) / "decompose_finetune" if out_dir else None
+        model, result = finetune(model, bundle, cfg, teacher=teacher, epochs=epochs, out_dir=ft_dir,
+                                 device=device, desc="decompose-finetune",
+                                 lr=float(dcfg.lr) if dcfg.lr is not None else None)
+        report["finetune"] = {"epochs": epochs, "lr": dcfg.lr, "teacher": teacher is not None,
+                              "best_epoch": int(getattr(result, "best_epoch", -1)),
+                              "best_metrics": _jsonable(result.best_metrics)}
+    else:
+        report["finetune"] = None
+    model.to(device)
+    return model, report
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "item") and callable(x.item):
+        try:
+            return x.item()
+        except (ValueError, RuntimeError):
+            return x.tolist() if hasattr(x, "tolist") else str(x)
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    return x
+
+
+def format_table(report: dict, max_rows: int | None = None) -> str:
+    """The per-layer table (markdown) with the totals, for the CLI, the bench and the ledger."""
+    if not report.get("enabled", True):
+        return "decompose: disabled"
+    rows = ["| layer | type | shape | ranks | MACs before | MACs after | rel. error |",
+            "|---|---|---|---|---:|---:|---:|"]
+    layers = report["layers"]
+    shown = layers if max_rows is None else layers[:max_rows]
+    for e in shown:
+        rows.append(f"| {e['name']} | {e['type']} | {'x'.join(map(str, e['shape']))} | "
+                    f"{'/'.join(map(str, e['ranks']))} of {'/'.join(map(str, e['full_ranks']))} | "
+                    f"{e['macs_before'] / 1e6:.2f} M | {e['macs_after'] / 1e6:.2f} M | {e['rel_error']:.4f} |")
+    if len(shown) < len(layers):
+        rows.append(f"| ... {len(layers) - len(shown)} more | | | | | | |")
+    out = "\n".join(rows)
+    out += (f"\n\nMACs {report['macs_before'] / 1e6:.1f} M -> {report['macs_after'] / 1e6:.1f} M "
+            f"({report['macs_ratio']:.3f}x); params {report['params_before'] / 1e6:.2f} M -> "
+            f"{report['params_after'] / 1e6:.2f} M ({report['params_ratio']:.3f}x); "
+            f"{report['n_decomposed']} layers decomposed, {len(report['skipped'])} left alone")
+    if report.get("budget"):
+        b = report["budget"]
+        out += f"\nbudget: {b['target_fraction']:.3f} of MACs -> {b['achieved_fraction']:.4f}" + (
+            "" if b["feasible"] else " (NOT reachable with the allowed ranks)")
+    if report["skipped"]:
+        reasons: dict[str, int] = {}
+        for s in report["skipped"]:
+            reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
+        out += "\nleft alone: " + "; ".join(f"{n} x {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+    return out
