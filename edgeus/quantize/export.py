@@ -11,8 +11,9 @@
 * simplified with onnxslim, then ``onnx.checker.check_model(full_check=True)``;
 * parity against torch on real inputs (the val split when ``bundle`` is given, else the
   ``sample`` batch, else seeded noise): max |logit difference| and top-1 agreement, raising
-  :class:`ExportParityError` when the difference exceeds ``atol + rtol * max|logit|`` or the
-  agreement is below ``min_top1_agreement``;
+  :class:`ExportParityError` when the difference exceeds ``atol + rtol * max|logit| + 2 * d64``
+  (d64: how far torch's own float64 result is from its float32 one, non-zero for models with hard
+  thresholds such as SCConv's SRU gate) or the agreement is below ``min_top1_agreement``;
 * ``metadata_props``: classes, preprocessing (JSON), architecture, edgeus version, opset.
 """
 from __future__ import annotations
@@ -105,6 +106,20 @@ def _ort_logits(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return sess.run(None, {INPUT_NAME: x.astype(np.float32)})[0]
 
 
+def _float64_sensitivity(model: torch.nn.Module, sample: torch.Tensor, ref: np.ndarray) -> float:
+    """max |logits(float64) - logits(float32)| of torch itself: how much rounding alone moves this model.
+
+    Models with hard thresholds (SCConv's SRU gate ``R >= 0.5``) flip gates on rounding, so no
+    export can be held to a tighter standard than torch's own float32 result.
+    """
+    try:
+        m64 = copy.deepcopy(model).double().eval()
+        with torch.no_grad():
+            return float(np.abs(m64(sample.double()).float().numpy() - ref).max())
+    except Exception:  # an op without float64 kernels: no estimate
+        return 0.0
+
+
 def parity(model: torch.nn.Module, onnx_model: onnx.ModelProto, sample: torch.Tensor) -> dict:
     model.eval()
     with torch.no_grad():
@@ -112,7 +127,7 @@ def parity(model: torch.nn.Module, onnx_model: onnx.ModelProto, sample: torch.Te
     got = _ort_logits(onnx_model, sample.numpy())
     diff = np.abs(ref - got)
     return {"n": int(len(sample)), "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-            "max_abs_logit": float(np.abs(ref).max()),
+            "max_abs_logit": float(np.abs(ref).max()), "torch_float64_diff": _float64_sensitivity(model, sample, ref),
             "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean())}
 
 
@@ -202,7 +217,7 @@ def export_onnx(model: torch.nn.Module, path: str | Path, cfg, sample: torch.Ten
         "ops": dict(sorted(ops.items())), "checker": "onnx.checker full_check passed",
         "dynamic_batch": bool(ecfg.dynamic_batch), "input": [INPUT_NAME, ["batch", in_chans, size, size]],
         "parity": {**par, "source": src, "atol": float(ecfg.atol), "rtol": float(ecfg.rtol),
-                   "allowed_diff": float(ecfg.atol) + float(ecfg.rtol) * par["max_abs_logit"],
+                   "allowed_diff": float(ecfg.atol) + float(ecfg.rtol) * par["max_abs_logit"] + 2 * par["torch_float64_diff"],
                    "min_top1_agreement": float(ecfg.min_top1_agreement)},
         "seconds": round(time.perf_counter() - t0, 3),
     }
@@ -210,7 +225,8 @@ def export_onnx(model: torch.nn.Module, path: str | Path, cfg, sample: torch.Ten
         report["parity"]["passed"] = False
         raise ExportParityError(
             f"ONNX/torch parity lost: max |diff| {par['max_abs_diff']:.3g} (allowed {report['parity']['allowed_diff']:.3g} = "
-            f"atol {ecfg.atol} + rtol {ecfg.rtol} x max |logit| {par['max_abs_logit']:.3g}), top-1 agreement "
+            f"atol {ecfg.atol} + rtol {ecfg.rtol} x max |logit| {par['max_abs_logit']:.3g} + 2 x torch's own float64/float32 "
+            f"difference {par['torch_float64_diff']:.3g}), top-1 agreement "
             f"{par['top1_agreement']:.3f} (min {ecfg.min_top1_agreement}) on {src}; the ONNX file is at {path} for inspection")
     report["parity"]["passed"] = True
     log.info("exported %s (opset %d, %d nodes, max |diff| %.2g)", path, opset, len(slim.graph.node), par["max_abs_diff"])
