@@ -156,7 +156,7 @@ def _structured(model, cfg, bundle, teacher, device, out_dir, example) -> tuple[
         round_to = 4 if not round_to else (round_to * 4 // math.gcd(round_to, 4))
         rep["round_to"] = round_to
     kw = dict(importance=imp, global_pruning=bool(pcfg.global_pruning), max_layer_ratio=float(pcfg.max_layer_ratio),
-              round_to=round_to)
+              round_to=round_to, attention_dims=bool(pcfg.prune_attention_dims))
     rows, met = [], True
     for k in range(1, steps + 1):
         t0 = time.time()

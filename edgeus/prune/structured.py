@@ -97,7 +97,7 @@ def analyse(model: nn.Module, example: torch.Tensor, ignore: list[str] = ()) -> 
 
 def prune_once(model: nn.Module, example: torch.Tensor, info: GraphInfo, *, ratio: float, importance: str,
                global_pruning: bool = False, max_layer_ratio: float = 0.9, round_to: int | None = None,
-               internal: bool = True) -> dict:
+               internal: bool = True, attention_dims: bool = True) -> dict:
     """One pruning step in place at channel ``ratio`` (relative to the current model)."""
     import torch_pruning as tp
 
@@ -119,7 +119,7 @@ def prune_once(model: nn.Module, example: torch.Tensor, info: GraphInfo, *, rati
         ignored_set = set(ignored)
         for name, m in model.named_modules():
             p = info.pruners.get(type(m))
-            if p is not None and m not in ignored_set:
+            if p is not None and m not in ignored_set and (attention_dims or not isinstance(p, cp.MDTAPruner)):
                 cut = p.prune_internal(m, min(float(ratio), float(max_layer_ratio)))
                 if cut:
                     inner[name] = cut
