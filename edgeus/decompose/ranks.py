@@ -2,11 +2,15 @@
 
 The budget mode chooses every layer's ranks at once, in the spirit of BATUDE's budget-aware ranks
 (Yin et al., AAAI 2022) but without training: each layer offers every allowed rank pair with its
-MACs and its estimated relative squared reconstruction error (exact for an SVD, the HOSVD bound
-``t_out[R_out] + t_in[R_in]`` for Tucker-2). On each layer's lower convex hull of (MACs, error),
-a step to a cheaper point costs ``delta error / delta MACs``; the planner takes the cheapest steps
-over all layers until the model fits the budget, then spends what is left of the budget, layer by
-layer, on the lowest-error choice that still fits. The result sums to the budget from below.
+MACs and its estimated relative squared reconstruction error ``e`` (exact for an SVD, the HOSVD
+bound ``t_out[R_out] + t_in[R_in]`` for Tucker-2). The cost of a choice is ``-log(1 - e)``, the log
+of the fraction of the kernel's energy it keeps: summed over layers it is the log of the product of
+kept fractions, the signal a chain of approximations passes on, and it grows without bound as a
+layer is cut to nothing (the plain error saturates at 1, which makes cutting a layer almost to zero
+look cheap per MAC saved). On each layer's lower convex hull of (MACs, cost), a step to a cheaper
+point costs ``delta cost / delta MACs``; the planner takes the cheapest steps over all layers until
+the model fits the budget, then spends what is left of the budget, layer by layer, on the
+lowest-cost choice that still fits. The result sums to the budget from below.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from edgeus.decompose.vbmf import evbmf_rank
 log = logging.getLogger(__name__)
 
 RANK_MODES = ("ratio", "energy", "vbmf", "budget")
+_MIN_KEPT = 1e-4   # the kept energy fraction below which a cut costs the same (the cost's ceiling)
 
 
 def _snap(layer: Layer, mode: int, r: int, cfg) -> int:
@@ -60,10 +65,15 @@ def fixed_ranks(layer: Layer, cfg) -> tuple[int, ...]:
 
 @dataclass
 class _Options:
-    """One layer's choices: ranks (None = leave as is), MACs and estimated error of each."""
+    """One layer's choices: ranks (None = leave as is), MACs, estimated relative squared error and
+    cost ``-log(1 - err)`` (the log of the kernel energy lost) of each."""
     ranks: list
     macs: np.ndarray
     err: np.ndarray
+
+    @property
+    def cost(self) -> np.ndarray:
+        return -np.log(np.clip(1.0 - self.err, _MIN_KEPT, 1.0))
 
 
 def _options(layer: Layer, cfg) -> _Options:
@@ -120,7 +130,8 @@ def budget_ranks(layers: list[Layer], cfg, budget: int) -> tuple[dict[str, tuple
         info["feasible"] = False
     else:
         # the cheapest step (least error per MAC saved) over all layers, each layer walking down its hull
-        hulls = {n: _lower_hull(o.macs, o.err) for n, o in opts.items()}
+        costs = {n: o.cost for n, o in opts.items()}
+        hulls = {n: _lower_hull(o.macs, costs[n]) for n, o in opts.items()}
         pos = {n: 0 for n in opts}
         heap = []
 
@@ -128,7 +139,7 @@ def budget_ranks(layers: list[Layer], cfg, budget: int) -> tuple[dict[str, tuple
             h, k, o = hulls[n], pos[n], opts[n]
             if k + 1 < len(h):
                 saved = int(o.macs[h[k]] - o.macs[h[k + 1]])
-                heapq.heappush(heap, ((o.err[h[k + 1]] - o.err[h[k]]) / max(saved, 1), n))
+                heapq.heappush(heap, ((costs[n][h[k + 1]] - costs[n][h[k]]) / max(saved, 1), n))
 
         for n in opts:
             push(n)
@@ -149,8 +160,9 @@ def budget_ranks(layers: list[Layer], cfg, budget: int) -> tuple[dict[str, tuple
                 fits = np.nonzero(o.macs <= room)[0]
                 if len(fits) == 0:
                     continue
-                best = int(fits[np.argmin(o.err[fits])])
-                if o.err[best] < o.err[choice[n]] - 1e-15:
+                c = costs[n]
+                best = int(fits[np.argmin(c[fits])])
+                if c[best] < c[choice[n]] - 1e-15:
                     choice[n], changed = best, True
             if not changed:
                 break

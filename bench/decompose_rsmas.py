@@ -1,0 +1,322 @@
+"""RSMAS-Net decomposed to 0.5 of its MACs (budget mode): errors, MACs, ONNX Runtime latency, accuracy.
+
+Part 1, full width (rsmas width 1.0, 3 classes, 1x112x112, seeded random weights: MACs and latency
+do not depend on the values): the per-layer table (ranks, MACs before/after, relative
+reconstruction error), MACs and parameters, ONNX export of both with torch parity, and the ONNX
+Runtime CPU FP32 latency of both, interleaved in one process (medians of N and their ratio).
+
+Part 2, accuracy on the phantom at a small width: train a small rsmas briefly on the phantom,
+decompose it to 0.5 of its MACs with the same budget mode, fine-tune (plain CE; and with the
+undecomposed model as teacher through edgeus.distill, KD), and compare test accuracy with the
+undecomposed model. The result is stated as measured, whichever way it falls.
+
+    python bench/decompose_rsmas.py             # ~10 min on 2 cores
+    python bench/decompose_rsmas.py --quick     # or EDGEUS_BENCH_QUICK=1: a smoke run (~3 min)
+
+Writes bench/results/decompose_rsmas.json and .md (``--out`` to write elsewhere).
+Math libraries run single-threaded by default (``--threads``): on this shared 2-core machine that is
+several times faster and steadier than two threads competing with other processes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# set before numpy / torch load their thread pools
+_THREADS = "1"
+for _i, _a in enumerate(sys.argv):
+    if _a == "--threads" and _i + 1 < len(sys.argv):
+        _THREADS = sys.argv[_i + 1]
+    elif _a.startswith("--threads="):
+        _THREADS = _a.split("=", 1)[1]
+for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_v, _THREADS)
+
+import copy  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edgeus.config import compose  # noqa: E402
+from edgeus.decompose import decompose_model, format_table  # noqa: E402
+from edgeus.models import create_model  # noqa: E402
+
+NAME = "decompose_rsmas"
+
+
+def export_onnx(model: torch.nn.Module, x: torch.Tensor, path: Path) -> Path:
+    model.eval()
+    torch.onnx.export(model, (x,), str(path), input_names=["image"], output_names=["logits"], opset_version=17,
+                      dynamo=False, dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+    return path
+
+
+def ort_session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def interleaved_latency(sessions: dict, x: np.ndarray, runs: int, warmup: int = 5) -> dict:
+    """Each round runs every model once, in alternating order; medians and per-round ratios."""
+    names = list(sessions)
+    feeds = {n: {s.get_inputs()[0].name: x} for n, s in sessions.items()}
+    for _ in range(warmup):
+        for n in names:
+            sessions[n].run(None, feeds[n])
+    times = {n: [] for n in names}
+    for r in range(runs):
+        order = names if r % 2 == 0 else names[::-1]
+        for n in order:
+            t = time.perf_counter()
+            sessions[n].run(None, feeds[n])
+            times[n].append((time.perf_counter() - t) * 1e3)
+    return {"ms_median": {n: statistics.median(v) for n, v in times.items()},
+            "ms_min": {n: min(v) for n, v in times.items()}, "runs": runs, "times_ms": times}
+
+
+def full_width(args) -> dict:
+    torch.manual_seed(0)
+    size = args.size
+    cfg = compose([f"data.image_size={size}", "data.in_chans=1", "decompose.rank_mode=budget",
+                   f"decompose.target_macs={args.target_macs}", f"decompose.method={args.method}",
+                   "decompose.finetune_epochs=0"])
+    model = create_model("rsmas", num_classes=3, in_chans=1, width=1.0).eval()
+    t0 = time.time()
+    dec, rep = decompose_model(model, cfg)
+    seconds = time.time() - t0
+    dec.eval()
+    x = torch.randn(1, 1, size, size, generator=torch.Generator().manual_seed(1))
+    with tempfile.TemporaryDirectory() as d:
+        paths = {"original": export_onnx(model, x, Path(d) / "original.onnx"),
+                 "decomposed": export_onnx(dec, x, Path(d) / "decomposed.onnx")}
+        sizes = {k: p.stat().st_size for k, p in paths.items()}
+        sessions = {k: ort_session(p, args.threads) for k, p in paths.items()}
+        parity = {}
+        for k, m in (("original", model), ("decomposed", dec)):
+            with torch.no_grad():
+                ref = m(x).numpy()
+            got = sessions[k].run(None, {"image": x.numpy()})[0]
+            parity[k] = float(np.abs(got - ref).max())
+        lat = interleaved_latency(sessions, x.numpy(), args.runs)
+    med = lat["ms_median"]
+    per_round = [b / a for a, b in zip(lat["times_ms"]["original"], lat["times_ms"]["decomposed"])]
+    lat.pop("times_ms")
+    return {
+        "model": "rsmas", "width": 1.0, "num_classes": 3, "input": [1, 1, size, size],
+        "weights": "seeded random (untrained): MACs and latency do not depend on the values; the "
+                   "reconstruction errors of untrained kernels (flat spectra) are larger than a trained "
+                   "network's (see part 2 for a trained one)",
+        "decompose_seconds": round(seconds, 1),
+        "report": rep,
+        "onnx_bytes": sizes,
+        "onnx_parity_max_abs": parity,
+        "latency": {**lat, "ratio_of_medians": med["decomposed"] / med["original"],
+                    "median_of_round_ratios": statistics.median(per_round),
+                    "speedup": med["original"] / med["decomposed"], "ort_threads": args.threads},
+    }
+
+
+def phantom_accuracy(args) -> dict:
+    from edgeus.data import build_loaders
+    from edgeus.evaluate import evaluate_model
+    from edgeus.train.run import train_from_config
+
+    w, size, n = args.small_width, args.small_size, args.n_per_class
+    common = ["model.name=rsmas", f"model.width={w}", f"data.image_size={size}", f"data.n_per_class={n}",
+              "data.split=[0.5,0.15,0.35]", "seed=0", f"train.epochs={args.epochs}", f"train.lr={args.lr}",
+              "train.warmup_epochs=1", "decompose.rank_mode=budget", f"decompose.target_macs={args.target_macs}",
+              f"decompose.method={args.method}", f"decompose.lr={args.ft_lr}"]
+    cfg = compose(common + [f"decompose.finetune_epochs={args.ft_epochs}"])
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as d:
+        result, bundle = train_from_config(cfg, out_dir=Path(d) / "teacher")
+        teacher = result.model.eval()
+        train_s = time.time() - t0
+        loaders = build_loaders(bundle, cfg.data)
+        classes = bundle.classes
+
+        def metrics(m) -> dict:
+            out = {}
+            for split in ("val", "test"):
+                r = evaluate_model(m.eval(), loaders[split], classes)
+                out[split] = {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"],
+                              "recall": r["recall"], "n": r["n"]}
+            return out
+
+        base = metrics(teacher)
+        cfg0 = compose(common + ["decompose.finetune_epochs=0"])
+        dec0, rep0 = decompose_model(teacher, cfg0)
+        no_ft = metrics(dec0)
+        t1 = time.time()
+        dec_ce, rep_ce = decompose_model(teacher, cfg, bundle=bundle, out_dir=Path(d) / "ce")
+        ce_s = time.time() - t1
+        ce = metrics(dec_ce)
+        variants = {"decomposed, no fine-tuning": no_ft, "decomposed + fine-tuned (CE)": ce}
+        seconds = {"teacher_training": round(train_s, 1), "finetune_ce": round(ce_s, 1)}
+        if not args.no_kd:
+            t2 = time.time()
+            dec_kd, _ = decompose_model(teacher, cfg, bundle=bundle, teacher=copy.deepcopy(teacher),
+                                        out_dir=Path(d) / "kd")
+            seconds["finetune_kd"] = round(time.time() - t2, 1)
+            variants["decomposed + fine-tuned (KD from the undecomposed model)"] = metrics(dec_kd)
+        if not args.no_control:
+            from edgeus.train import finetune
+
+            t3 = time.time()
+            ctrl, _ = finetune(copy.deepcopy(teacher), bundle, cfg, epochs=args.ft_epochs, lr=args.ft_lr,
+                               out_dir=Path(d) / "control", desc="control")
+            seconds["control"] = round(time.time() - t3, 1)
+            control = metrics(ctrl)
+    if args.no_control:
+        control = None
+    test_base = base["test"]["accuracy"]
+    comparison = {k: {"test_accuracy": v["test"]["accuracy"],
+                      "drop_points": round(100 * (test_base - v["test"]["accuracy"]), 2),
+                      "within_2_points": bool(100 * (test_base - v["test"]["accuracy"]) <= 2.0 + 1e-9)}
+                  for k, v in variants.items()}
+    return {
+        "model": "rsmas", "width": w, "input": [1, 1, size, size], "n_per_class": n,
+        "split": {"train": len(bundle.train), "val": len(bundle.val), "test": len(bundle.test)},
+        "teacher_epochs": args.epochs, "teacher_lr": args.lr, "teacher_best_epoch": result.best_epoch,
+        "finetune_epochs": args.ft_epochs, "finetune_lr": args.ft_lr,
+        "undecomposed": base, "variants": variants, "comparison": comparison,
+        "control_undecomposed_same_finetuning": control,
+        "report": {k: v for k, v in rep_ce.items() if k != "finetune"} | {"finetune": rep_ce.get("finetune")},
+        "report_no_ft_macs_ratio": rep0["macs_ratio"],
+        "seconds": seconds,
+    }
+
+
+def write_md(res: dict, path: Path) -> None:
+    fw = res["full_width"]
+    rep = fw["report"]
+    lat = fw["latency"]
+    L = [f"# {NAME}: RSMAS-Net decomposed to {res['target_macs']:.2f} of its MACs (Tucker-2 + SVD, budget mode)", ""]
+    L.append(f"Run {res['date']} on {res['machine']}, {res['mode']} mode, {res['seconds']:.0f} s in all; "
+             f"load average at the end {res['load_average_end']}.")
+    L += ["", "## Full width: MACs, parameters, ONNX Runtime latency", "",
+          f"rsmas width 1.0, 3 classes, input 1x1x{fw['input'][2]}x{fw['input'][3]}; {fw['weights']}.", "",
+          "| | original | decomposed | ratio |", "|---|---:|---:|---:|",
+          f"| MACs | {rep['macs_before'] / 1e9:.3f} G | {rep['macs_after'] / 1e9:.3f} G | {rep['macs_ratio']:.3f} |",
+          f"| params | {rep['params_before'] / 1e6:.2f} M | {rep['params_after'] / 1e6:.2f} M | {rep['params_ratio']:.3f} |",
+          f"| ONNX bytes | {fw['onnx_bytes']['original'] / 1e6:.1f} MB | {fw['onnx_bytes']['decomposed'] / 1e6:.1f} MB | "
+          f"{fw['onnx_bytes']['decomposed'] / fw['onnx_bytes']['original']:.3f} |",
+          f"| ORT CPU FP32 latency (median of {lat['runs']}) | {lat['ms_median']['original']:.2f} ms | "
+          f"{lat['ms_median']['decomposed']:.2f} ms | {lat['ratio_of_medians']:.3f} ({lat['speedup']:.2f}x faster) |",
+          "",
+          f"Interleaved runs in one process, ONNX Runtime intra-op threads = {lat['ort_threads']}; median of the "
+          f"per-round ratios {lat['median_of_round_ratios']:.3f}. ONNX parity (max |ORT - torch|): original "
+          f"{fw['onnx_parity_max_abs']['original']:.2e}, decomposed {fw['onnx_parity_max_abs']['decomposed']:.2e}. "
+          f"MACs by formula = MACs counted: {rep['macs_formula'] == rep['macs_after']}. "
+          f"Budget {rep['budget']['target_fraction']} -> achieved {rep['budget']['achieved_fraction']:.4f}. "
+          f"Decomposition took {fw['decompose_seconds']} s ({rep['method']}).", "",
+          "### Per-layer table (full width, untrained weights)", "", format_table(rep), ""]
+    L += ["", "Layers left alone:", ""]
+    for s in rep["skipped"]:
+        L.append(f"- `{s['name']}` {'x'.join(map(str, s['shape']))}: {s['reason']}")
+    ph = res.get("phantom")
+    if ph:
+        L += ["", f"## Accuracy on the phantom (rsmas width {ph['width']}, {ph['input'][2]}x{ph['input'][3]}, trained here)", "",
+              f"Phantom with {ph['n_per_class']} images per class, split train/val/test "
+              f"{ph['split']['train']}/{ph['split']['val']}/{ph['split']['test']}; the undecomposed model trained "
+              f"{ph['teacher_epochs']} epochs (lr {ph['teacher_lr']}, best val epoch {ph['teacher_best_epoch']}); "
+              f"decomposed to {res['target_macs']} of its MACs (achieved {ph['report']['macs_ratio']:.3f}), "
+              f"then fine-tuned {ph['finetune_epochs']} epochs (lr {ph['finetune_lr']}).", "",
+              "| model | MACs ratio | val acc | test acc | test macro-F1 | test drop (points) | within 2 points |",
+              "|---|---:|---:|---:|---:|---:|---|",
+              f"| undecomposed | 1.000 | {ph['undecomposed']['val']['accuracy']:.4f} | "
+              f"{ph['undecomposed']['test']['accuracy']:.4f} | {ph['undecomposed']['test']['macro_f1']:.4f} | | |"]
+        ctl = ph.get("control_undecomposed_same_finetuning")
+        if ctl:
+            L.append(f"| control: undecomposed + the same fine-tuning (CE) | 1.000 | {ctl['val']['accuracy']:.4f} | "
+                     f"{ctl['test']['accuracy']:.4f} | {ctl['test']['macro_f1']:.4f} | "
+                     f"{100 * (ph['undecomposed']['test']['accuracy'] - ctl['test']['accuracy']):+.2f} | |")
+        for k, v in ph["variants"].items():
+            c = ph["comparison"][k]
+            L.append(f"| {k} | {ph['report']['macs_ratio']:.3f} | {v['val']['accuracy']:.4f} | {v['test']['accuracy']:.4f} | "
+                     f"{v['test']['macro_f1']:.4f} | {c['drop_points']:+.2f} | {'yes' if c['within_2_points'] else 'NO'} |")
+        n_test = ph["split"]["test"]
+        L += ["", f"One test image is {100 / n_test:.2f} points of accuracy here ({n_test} test images): "
+              "differences of a point or two are within the noise of a split this size."]
+        if ph["undecomposed"]["test"]["accuracy"] <= 1 / 3 + 0.05:
+            L += ["", "**The undecomposed model is at chance level in this run (too little training, e.g. "
+                  "--quick): the comparison above says nothing about the decomposition.**"]
+        L += ["",
+              "### Per-layer table (phantom model, trained weights)", "", format_table(ph["report"]), ""]
+    L += ["", f"Command: `{res['command']}`", ""]
+    path.write_text("\n".join(L))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", default=os.environ.get("EDGEUS_BENCH_QUICK", "") not in ("", "0"))
+    ap.add_argument("--target-macs", type=float, default=0.5)
+    ap.add_argument("--method", default="hooi")
+    ap.add_argument("--size", type=int, default=112)
+    ap.add_argument("--threads", type=int, default=int(_THREADS))
+    ap.add_argument("--runs", type=int, default=None)
+    ap.add_argument("--small-width", type=float, default=0.25)
+    ap.add_argument("--small-size", type=int, default=64)
+    ap.add_argument("--n-per-class", type=int, default=None)
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--ft-epochs", type=int, default=None)
+    ap.add_argument("--ft-lr", type=float, default=5e-4)
+    ap.add_argument("--no-kd", action="store_true")
+    ap.add_argument("--no-control", action="store_true", help="skip fine-tuning the undecomposed model the same way")
+    ap.add_argument("--skip-phantom", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args()
+    q = args.quick
+    args.runs = args.runs or (10 if q else 40)
+    args.n_per_class = args.n_per_class or (40 if q else 160)
+    args.epochs = args.epochs or (3 if q else 40)
+    args.ft_epochs = args.ft_epochs or (2 if q else 15)
+    if q:
+        args.small_width = min(args.small_width, 0.125)
+        args.small_size = min(args.small_size, 48)
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    t0 = time.time()
+    res = {"name": NAME, "mode": "quick" if q else "full", "target_macs": args.target_macs,
+           "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(["python"] + sys.argv),
+           "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+                      f"onnxruntime {__import__('onnxruntime').__version__}, math threads {args.threads}"}
+    print("part 1: full-width RSMAS, decomposition + ONNX Runtime latency ...", flush=True)
+    res["full_width"] = full_width(args)
+    fw = res["full_width"]
+    print(format_table(fw["report"], max_rows=8))
+    print(f"latency ratio (decomposed / original): {fw['latency']['ratio_of_medians']:.3f}", flush=True)
+    if not args.skip_phantom:
+        print("part 2: phantom accuracy at a small width ...", flush=True)
+        res["phantom"] = phantom_accuracy(args)
+        for k, v in res["phantom"]["comparison"].items():
+            print(f"  {k}: test acc {v['test_accuracy']:.4f} (drop {v['drop_points']:+.2f} points)")
+    res["seconds"] = time.time() - t0
+    res["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{NAME}.json").write_text(json.dumps(res, indent=1, default=float))
+    write_md(res, out / f"{NAME}.md")
+    print(f"wrote {out / (NAME + '.json')} and .md ({res['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
