@@ -268,6 +268,7 @@ def test_finetune_after_decomposition_and_cli(tmp_path, capsys):
     model = create_model("simple_cnn", width=0.25)
     out, rep = decompose_model(model, cfg, bundle=bundle, out_dir=tmp_path / "run")
     assert rep["finetune"]["epochs"] == 1 and "accuracy" in rep["finetune"]["best_metrics"]
+    assert rep["bn_recalibrated_batches"] > 0
     json.dumps(rep)
 
     src = tmp_path / "model.pt"
@@ -282,3 +283,19 @@ def test_finetune_after_decomposition_and_cli(tmp_path, capsys):
     assert ckpt["extra"]["decompose"]["macs_after"] == count_macs(loaded, 32, 1)
     assert json.loads(dst.with_suffix(".decompose.json").read_text())["budget"]["met"]
     assert main(["decompose", str(src), "decompose.rank_mode=nonsense"]) == 2
+
+
+def test_batchnorm_recalibration_re_estimates_statistics_only():
+    from edgeus.decompose.api import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Dropout(0.5)).eval()
+    model[1].running_mean.fill_(5.0)
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    batches = [{"image": torch.randn(8, 1, 6, 6) * 2 + 1} for _ in range(3)]
+    assert recalibrate_batchnorm(model, batches, 2) == 2
+    with torch.no_grad():
+        acts = torch.cat([model[0](b["image"]) for b in batches[:2]])
+    assert torch.allclose(model[1].running_mean, acts.mean((0, 2, 3)), atol=1e-4)
+    assert not model.training and model[1].momentum == 0.1
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())

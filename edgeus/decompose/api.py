@@ -6,6 +6,7 @@ import logging
 import time
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 from edgeus.decompose.layers import find_layers
@@ -118,6 +119,35 @@ def decompose_layers(model: nn.Module, cfg, *, image_size: int, in_chans: int) -
     return model, report
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loader, batches: int, device: str = "cpu") -> int:
+    """Re-estimate every BatchNorm's running mean and variance from ``batches`` batches (the
+    decomposed layers feed them slightly different activations than the ones they were fitted to).
+    Everything else stays in eval mode; weights do not change. Returns the number of batches used."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns or batches <= 0:
+        return 0
+    was_training = model.training
+    saved = [(m, m.momentum) for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None            # cumulative average over the batches seen
+        m.train()
+    n = 0
+    try:
+        for batch in loader:
+            if n >= batches:
+                break
+            model(batch["image"].to(device))
+            n += 1
+    finally:
+        for m, mom in saved:
+            m.momentum = mom
+        model.train(was_training)
+    return n
+
+
 def decompose_model(model: nn.Module, cfg, bundle=None, teacher: nn.Module | None = None, device: str = "cpu",
                     out_dir: str | Path | None = None) -> tuple[nn.Module, dict]:
     """The decompose stage: Tucker-2 / SVD with ranks by ``cfg.decompose.rank_mode``, then fine-tuning.
@@ -136,6 +166,13 @@ def decompose_model(model: nn.Module, cfg, bundle=None, teacher: nn.Module | Non
     model, report = decompose_layers(model, dcfg, image_size=int(cfg.data.image_size),
                                      in_chans=int(cfg.data.in_chans))
     report["enabled"] = True
+    report["bn_recalibrated_batches"] = 0
+    if bundle is not None and report["n_decomposed"] and int(dcfg.recalibrate_bn) > 0:
+        from edgeus.data import build_loaders
+
+        loader = build_loaders(bundle, cfg.data)["train_plain"]
+        model.to(device)
+        report["bn_recalibrated_batches"] = recalibrate_batchnorm(model, loader, int(dcfg.recalibrate_bn), device)
     epochs = int(dcfg.finetune_epochs)
     if epochs > 0 and bundle is not None and report["n_decomposed"]:
         from edgeus.train import finetune

@@ -18,5 +18,6 @@ class DecomposeConfig:
     pointwise: bool = True          # 1x1 convolutions: truncated SVD into two 1x1 convolutions
     linear: bool = True             # linear layers: truncated SVD into two linears
     exclude: List[str] = field(default_factory=list)  # fnmatch patterns of layer names to leave alone
+    recalibrate_bn: int = 8         # with data: re-estimate BatchNorm statistics on this many train batches
     finetune_epochs: int = 3        # fine-tune after decomposing (when data is given); 0 = no fine-tuning
     lr: Optional[float] = None      # fine-tuning learning rate (default: train.lr)
