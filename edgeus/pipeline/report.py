@@ -43,7 +43,7 @@ def fig_waterfall(rows, path: Path) -> Path:
 
 
 def fig_scatter(rows, path: Path) -> Path:
-    rows = [r for r in _model_rows(rows) if r.get("latency_ms")]
+    rows = [r for r in _model_rows(rows) if r.get("latency_ms") and r["stage"] != "export"]  # export = the last model, as ONNX
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for ax, (key, label) in zip(axes, (("latency_ms", "ONNX Runtime CPU latency, batch 1 (ms)"),
                                        ("bytes", "size on disk (MB)"))):
