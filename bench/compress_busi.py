@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     wall = time.time() - t0
     ledger = json.loads((run_dir / "ledger.json").read_text())
     rows = {r["stage"]: r for r in ledger["rows"]}
-    bench = json.loads((next(run_dir.glob("*-bench")) / "bench.json").read_text())["batch 1"]
+    bench = json.loads((next(run_dir.glob("*-bench")) / "report.json").read_text())["latency"]["batch 1"]
     teacher, student, base = rows["teacher"], rows["quantize"], rows["baseline: teacher int8 (ORT)"]
 
     def entry(row, bench_name):

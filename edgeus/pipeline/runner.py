@@ -82,19 +82,39 @@ def _metrics(model_or_onnx, ctx) -> dict:
     return {k: m[k] for k in ("accuracy", "macro_f1", "recall", "auc", "ece", "confusion", "n")}
 
 
-def _latency(ctx, onnx_path) -> tuple[float | None, float | None]:
-    from edgeus.pipeline.latency import interleaved_latency
+def measure_latency(cfg, models: dict[str, str], iters: int, warmup: int, batch_sizes=(1,), out=None) -> dict:
+    """ONNX Runtime CPU latency of ``models`` ({label: onnx path}) with ``edgeus.deploy.bench``:
+    interleaved in one process, the first model the baseline. Returns {batch: {label: stats}}, each
+    stats dict with median_ms, p90_ms, speedup (first model's median / this one's) and bytes."""
+    import copy
 
-    pre = ctx.bundle.preprocessing
-    shape = (1, pre["in_chans"], pre["image_size"], pre["image_size"])
+    from edgeus.deploy import bench
+
+    bcfg = copy.deepcopy(cfg)
+    bcfg.bench.backend, bcfg.bench.device, bcfg.bench.providers = "onnxruntime", "cpu", None
+    bcfg.bench.iters, bcfg.bench.warmup = int(iters), int(warmup)
+    bcfg.bench.batch_sizes = [int(b) for b in batch_sizes]
+    bcfg.bench.threads = cfg.compress.latency_threads
+    bcfg.bench.compare = len(models) > 1
+    res = bench(list(models.values()), bcfg, out=out)
+    labels = list(models)
+    table: dict = {}
+    for label, m in zip(labels, res["models"]):
+        for b, st in m["batches"].items():
+            base = res["models"][0]["batches"][b]["p50_ms"]
+            table.setdefault(f"batch {b}", {})[label] = {
+                "median_ms": st["p50_ms"], "p90_ms": st["p90_ms"], "p99_ms": st["p99_ms"],
+                "speedup": base / st["p50_ms"], "bytes": Path(models[label]).stat().st_size}
+    return table
+
+
+def _latency(ctx, onnx_path) -> tuple[float | None, float | None]:
     teacher = ctx.artifacts.get("teacher_onnx")
     models = {"teacher": teacher, "model": str(onnx_path)} if teacher and teacher != str(onnx_path) else \
         {"model": str(onnx_path)}
     c = ctx.cfg.compress
-    lat = interleaved_latency(models, shape, iters=int(c.latency_iters), warmup=int(c.latency_warmup),
-                              threads=c.latency_threads)
-    ms = lat["model"]["median_ms"]
-    return ms, (lat["teacher"]["median_ms"] / ms if "teacher" in lat else 1.0)
+    lat = measure_latency(ctx.cfg, models, c.latency_iters, c.latency_warmup)["batch 1"]["model"]
+    return lat["median_ms"], lat["speedup"]
 
 
 def _torch_row(ctx, name: str, out: Path, report: dict, wall: float) -> dict:

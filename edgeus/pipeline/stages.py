@@ -132,34 +132,23 @@ def stage_build(ctx, out: Path) -> dict:
 
 
 def stage_bench(ctx, out: Path) -> dict:
-    from edgeus.pipeline.latency import interleaved_latency
+    """Teacher, INT8-only teacher and student (FP32, INT8) timed together with ``edgeus bench``."""
+    from edgeus.pipeline.runner import measure_latency
 
     models = {"teacher fp32": ctx.teacher_onnx()}
     for key, name in (("teacher_int8_onnx", "teacher int8 (ORT only)"), ("fp32_onnx", "student fp32"),
                       ("int8_onnx", "student int8")):
         if ctx.artifacts.get(key):
             models[name] = ctx.artifacts[key]
-    pre = ctx.bundle.preprocessing
-    results = {}
-    for batch in ctx.cfg.bench.batch_sizes if hasattr(ctx.cfg.bench, "batch_sizes") else [1]:
-        lat = interleaved_latency(models, (int(batch), pre["in_chans"], pre["image_size"], pre["image_size"]),
-                                  iters=max(50, int(ctx.cfg.compress.latency_iters)),
-                                  warmup=int(ctx.cfg.compress.latency_warmup), threads=ctx.cfg.compress.latency_threads)
-        base = lat["teacher fp32"]["median_ms"]
-        for n, v in lat.items():
-            v["speedup_vs_teacher"] = base / v["median_ms"]
-            v["bytes"] = Path(models[n]).stat().st_size
-        results[f"batch {int(batch)}"] = lat
-    from edgeus.pipeline.ledger import write_json
-
-    write_json(out / "bench.json", results)
+    table = measure_latency(ctx.cfg, models, ctx.cfg.bench.iters, ctx.cfg.bench.warmup, ctx.cfg.bench.batch_sizes,
+                            out=out / "bench.json")
     lines = ["| model | batch | median ms | p90 ms | speed-up vs teacher | bytes |", "|---|---|---|---|---|---|"]
-    for b, lat in results.items():
+    for b, lat in table.items():
         for n, v in lat.items():
             lines.append(f"| {n} | {b.split()[1]} | {v['median_ms']:.2f} | {v['p90_ms']:.2f} | "
-                         f"{v['speedup_vs_teacher']:.2f}× | {v['bytes']} |")
-    (out / "bench.md").write_text("\n".join(lines) + "\n")
-    return {"latency": results}
+                         f"{v['speedup']:.2f}× | {v['bytes']} |")
+    (out / "latency.md").write_text("\n".join(lines) + "\n")
+    return {"latency": table, "models": {n: str(p) for n, p in models.items()}}
 
 
 def stage_package(ctx, out: Path) -> dict:
