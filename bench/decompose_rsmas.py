@@ -116,6 +116,12 @@ def full_width(args) -> dict:
             got = sessions[k].run(None, {"image": x.numpy()})[0]
             parity[k] = float(np.abs(got - ref).max())
         lat = interleaved_latency(sessions, x.numpy(), args.runs)
+    # the float rounding floor: the same torch model in float64 (RSMAS's SRU has a hard 0/1 gate, so
+    # rounding can flip gate elements of an untrained network and move its logits visibly)
+    fp64 = {}
+    for k, m in (("original", model), ("decomposed", dec)):
+        with torch.no_grad():
+            fp64[k] = float((m(x).double() - copy.deepcopy(m).double()(x.double())).abs().max())
     med = lat["ms_median"]
     per_round = [b / a for a, b in zip(lat["times_ms"]["original"], lat["times_ms"]["decomposed"])]
     lat.pop("times_ms")
@@ -128,6 +134,7 @@ def full_width(args) -> dict:
         "report": rep,
         "onnx_bytes": sizes,
         "onnx_parity_max_abs": parity,
+        "torch_fp32_vs_fp64_max_abs": fp64,
         "latency": {**lat, "ratio_of_medians": med["decomposed"] / med["original"],
                     "median_of_round_ratios": statistics.median(per_round),
                     "speedup": med["original"] / med["decomposed"], "ort_threads": args.threads},
@@ -227,7 +234,10 @@ def write_md(res: dict, path: Path) -> None:
           "",
           f"Interleaved runs in one process, ONNX Runtime intra-op threads = {lat['ort_threads']}; median of the "
           f"per-round ratios {lat['median_of_round_ratios']:.3f}. ONNX parity (max |ORT - torch|): original "
-          f"{fw['onnx_parity_max_abs']['original']:.2e}, decomposed {fw['onnx_parity_max_abs']['decomposed']:.2e}. "
+          f"{fw['onnx_parity_max_abs']['original']:.2e}, decomposed {fw['onnx_parity_max_abs']['decomposed']:.2e} "
+          f"(for scale, torch float32 vs float64 of the same model: {fw['torch_fp32_vs_fp64_max_abs']['original']:.2e} and "
+          f"{fw['torch_fp32_vs_fp64_max_abs']['decomposed']:.2e}; untrained logits are tens in size and the SRU's hard "
+          f"gate can flip under rounding). "
           f"MACs by formula = MACs counted: {rep['macs_formula'] == rep['macs_after']}. "
           f"Budget {rep['budget']['target_fraction']} -> achieved {rep['budget']['achieved_fraction']:.4f}. "
           f"Decomposition took {fw['decompose_seconds']} s ({rep['method']}).", "",
@@ -243,22 +253,27 @@ def write_md(res: dict, path: Path) -> None:
               f"{ph['teacher_epochs']} epochs (lr {ph['teacher_lr']}, best val epoch {ph['teacher_best_epoch']}); "
               f"decomposed to {res['target_macs']} of its MACs (achieved {ph['report']['macs_ratio']:.3f}), "
               f"then fine-tuned {ph['finetune_epochs']} epochs (lr {ph['finetune_lr']}).", "",
-              "| model | MACs ratio | val acc | test acc | test macro-F1 | test drop (points) | within 2 points |",
-              "|---|---:|---:|---:|---:|---:|---|",
+              "| model | MACs ratio | val acc | test acc | test macro-F1 | val drop (points) | test drop (points) | "
+              "test within 2 points |",
+              "|---|---:|---:|---:|---:|---:|---:|---|",
               f"| undecomposed | 1.000 | {ph['undecomposed']['val']['accuracy']:.4f} | "
-              f"{ph['undecomposed']['test']['accuracy']:.4f} | {ph['undecomposed']['test']['macro_f1']:.4f} | | |"]
+              f"{ph['undecomposed']['test']['accuracy']:.4f} | {ph['undecomposed']['test']['macro_f1']:.4f} | | | |"]
+        val_base = ph["undecomposed"]["val"]["accuracy"]
         ctl = ph.get("control_undecomposed_same_finetuning")
         if ctl:
             L.append(f"| control: undecomposed + the same fine-tuning (CE) | 1.000 | {ctl['val']['accuracy']:.4f} | "
                      f"{ctl['test']['accuracy']:.4f} | {ctl['test']['macro_f1']:.4f} | "
+                     f"{100 * (val_base - ctl['val']['accuracy']):+.2f} | "
                      f"{100 * (ph['undecomposed']['test']['accuracy'] - ctl['test']['accuracy']):+.2f} | |")
         for k, v in ph["variants"].items():
             c = ph["comparison"][k]
             L.append(f"| {k} | {ph['report']['macs_ratio']:.3f} | {v['val']['accuracy']:.4f} | {v['test']['accuracy']:.4f} | "
-                     f"{v['test']['macro_f1']:.4f} | {c['drop_points']:+.2f} | {'yes' if c['within_2_points'] else 'NO'} |")
+                     f"{v['test']['macro_f1']:.4f} | {100 * (val_base - v['val']['accuracy']):+.2f} | "
+                     f"{c['drop_points']:+.2f} | {'yes' if c['within_2_points'] else 'NO'} |")
         n_test = ph["split"]["test"]
-        L += ["", f"One test image is {100 / n_test:.2f} points of accuracy here ({n_test} test images): "
-              "differences of a point or two are within the noise of a split this size."]
+        L += ["", f"One test image is {100 / n_test:.2f} points of accuracy here ({n_test} test images), one "
+              f"validation image {100 / ph['split']['val']:.2f} points ({ph['split']['val']} images): differences of "
+              "a point or two are within the noise of splits this size, so read the val and test columns together."]
         if ph["undecomposed"]["test"]["accuracy"] <= 1 / 3 + 0.05:
             L += ["", "**The undecomposed model is at chance level in this run (too little training, e.g. "
                   "--quick): the comparison above says nothing about the decomposition.**"]
