@@ -13,7 +13,7 @@ class DecomposeConfig:
     energy: float = 0.95            # energy: keep this fraction of each unfolding's squared singular values
     target_macs: float = 0.5        # budget: the decomposed model's MACs as a fraction of the current model's
     rank_multiple: int = 8          # ranks are multiples of this (layers with < 4x this many channels: any rank)
-    min_rank_ratio: float = 0.0     # budget: never go below this fraction of a mode's channels
+    min_rank_ratio: float = 0.0     # no rank below this fraction of a mode's channels
     min_channels: int = 8           # layers with fewer input or output channels are left alone ("tiny")
     pointwise: bool = True          # 1x1 convolutions: truncated SVD into two 1x1 convolutions
     linear: bool = True             # linear layers: truncated SVD into two linears
