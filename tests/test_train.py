@@ -85,8 +85,14 @@ def test_cli_train_and_eval(tmp_path):
 
 
 def test_data_parallel_training_with_two_gloo_processes(tmp_path):
+    import socket
+
+    with socket.socket() as sock:                      # a free port on the loopback
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "--master_addr=127.0.0.1",
            "-m", "edgeus.cli", "train", "data.n_per_class=12", "data.image_size=32", "data.phantom_size=64",
            "model.width=0.25", "train.epochs=2", f"train.out={out}"]
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -28,5 +28,6 @@ def run(cfg, args):
         test = compute_metrics(y, p, bundle.classes)
         print(format_metrics(test, f"test split of {bundle.name} (best epoch {result.best_epoch}):"))
         print(f"checkpoint: {result.best_path}")
+    D.barrier()          # every rank leaves together: no rank tears the process group down under another
     D.cleanup()
     return 0
