@@ -284,6 +284,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny smoke run; results go to /tmp, not bench/results")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--keep-other", action="store_true",
+                   help="keep the results of datasets not run now from an earlier results file")
     a = p.parse_args(argv)
     if a.quick:
         a.datasets, a.seeds, a.epochs, a.teacher_epochs = "phantom", 2, "1", "1"
@@ -304,7 +306,12 @@ def main(argv=None) -> int:
         print(f"[{time.time() - t_start:7.1f}s] {msg}", flush=True)
 
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    result = {"settings": {k: v for k, v in vars(a).items() if k not in ("out", "cache")}, "datasets": {},
+    kept = {}
+    previous = out_dir / f"{NAME}.json"
+    if a.keep_other and previous.is_file():  # a run over some datasets keeps the others' results
+        kept = {k: v for k, v in json.loads(previous.read_text()).get("datasets", {}).items()
+                if k not in a.datasets.split(",")}
+    result = {"settings": {k: v for k, v in vars(a).items() if k not in ("out", "cache")}, "datasets": kept,
               "machine": {"cpu_count": os.cpu_count(), "threads": a.threads, "torch": torch.__version__,
                           "python": platform.python_version(), "load_start": load0}}
     for ds in [d for d in a.datasets.split(",") if d]:
