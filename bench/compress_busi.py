@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", default="full")
     ap.add_argument("--set", action="append", default=[], help="extra key=value overrides")
     ap.add_argument("--out", default=None, help="run directory (default runs/bench-busi-<time>)")
+    ap.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
     ap.add_argument("--results", default=str(HERE / "results" / "compress_busi"))
     args = ap.parse_args(argv)
     if not Path(args.root).is_dir():
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
     overrides = ["recipe=rsmas_int8", "data=busi", f"data.root={args.root}", f"profile={args.profile}",
                  "gates.enforce=false", f"out={run_dir}", *args.set]
     t0 = time.time()
-    result = compress(compose(overrides))
+    result = compress(compose([f"resume={run_dir}"] if args.resume else overrides))
     wall = time.time() - t0
     ledger = json.loads((run_dir / "ledger.json").read_text())
     rows = {r["stage"]: r for r in ledger["rows"]}

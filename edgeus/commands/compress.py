@@ -32,7 +32,7 @@ def run(cfg, args):
         return 3
     except KeyboardInterrupt:
         print("\nedgeus compress: interrupted; finished stages are kept — continue with "
-              f"edgeus compress resume=<run dir printed above>", file=sys.stderr)
+              "edgeus compress resume=<run dir printed above>", file=sys.stderr)
         return 130
     print(main_summary(result))
     return 0

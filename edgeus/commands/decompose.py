@@ -22,21 +22,14 @@ USAGE = "<checkpoint.pt> [decompose.rank_mode=budget] [decompose.target_macs=0.5
 
 
 def run(cfg, args):
+    from edgeus.commands.common import checkpoint_argument
     from edgeus.config import to_yaml
     from edgeus.decompose.api import decompose_model, format_table
     from edgeus.errors import EdgeusError
-    from edgeus.train.checkpoint import load_checkpoint, save_checkpoint
+    from edgeus.train.checkpoint import save_checkpoint
     from edgeus.train.run import resolve_device
 
-    if len(args) != 1:
-        raise EdgeusError(f"edgeus decompose takes one checkpoint path (got {len(args)}: {args})")
-    src = Path(args[0])
-    model, ckpt = load_checkpoint(src)
-    pre = dict(ckpt.get("preprocessing") or {})
-    # the model's own input: MACs are counted, and data is prepared, as the checkpoint was trained
-    for key in ("image_size", "in_chans", "mean", "std"):
-        if key in pre and pre[key] is not None:
-            cfg.data[key] = pre[key]
+    src, model, ckpt = checkpoint_argument(cfg, args, "decompose")
     out = Path(cfg.out) if cfg.out else src.with_name(f"{src.stem}.decomposed.pt")
     device = resolve_device(cfg.device)
 
@@ -44,8 +37,6 @@ def run(cfg, args):
     if cfg.decompose.enabled and int(cfg.decompose.finetune_epochs) > 0:
         from edgeus.data import build_datasets
 
-        if ckpt.get("classes") and cfg.data.classes is None:
-            cfg.data.classes = list(ckpt["classes"])
         bundle = build_datasets(cfg.data)
         if list(bundle.classes) != list(ckpt["classes"]):
             raise EdgeusError(f"the data's classes {bundle.classes} differ from the checkpoint's {ckpt['classes']}")
@@ -54,7 +45,7 @@ def run(cfg, args):
     metrics = {}
     if report.get("finetune"):
         metrics = report["finetune"].get("best_metrics") or {}
-    save_checkpoint(out, new.cpu(), classes=ckpt["classes"], preprocessing=pre, config=to_yaml(cfg),
+    save_checkpoint(out, new.cpu(), classes=ckpt["classes"], preprocessing=ckpt["preprocessing"], config=to_yaml(cfg),
                     metrics=metrics, extra={"decompose": json.loads(json.dumps(report)), "source": str(src)})
     report_path = out.with_suffix(".decompose.json")
     report_path.write_text(json.dumps(report, indent=2))

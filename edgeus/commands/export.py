@@ -17,24 +17,16 @@ USAGE = "<checkpoint.pt> [export.path=out.onnx] [export.opset=17] [key=value ...
 
 
 def run(cfg, args):
+    from edgeus.commands.common import checkpoint_argument
     from edgeus.errors import EdgeusError
     from edgeus.quantize.export import export_onnx
-    from edgeus.train.checkpoint import load_checkpoint
 
-    if len(args) != 1:
-        raise EdgeusError(f"edgeus export takes one checkpoint, got {len(args)}: {args}")
-    ckpt_path = Path(args[0])
-    model, ckpt = load_checkpoint(ckpt_path)
+    ckpt_path, model, ckpt = checkpoint_argument(cfg, args, "export")
     pre, classes = ckpt.get("preprocessing") or {}, list(ckpt.get("classes") or [])
     bundle = None
     try:  # real inputs for the parity check; export still works without data
         from edgeus.data import build_datasets
 
-        if pre:
-            cfg.data.image_size, cfg.data.in_chans = int(pre["image_size"]), int(pre["in_chans"])
-            cfg.data.mean, cfg.data.std = list(pre["mean"]), list(pre["std"])
-        if classes:
-            cfg.data.classes = classes
         bundle = build_datasets(cfg.data)
     except EdgeusError as e:
         print(f"edgeus export: no data for the parity check ({e}); using seeded noise")

@@ -30,22 +30,14 @@ def _fmt(n: float) -> str:
 
 
 def run(cfg, args):
+    from edgeus.commands.common import checkpoint_argument
     from omegaconf import OmegaConf
 
-    from edgeus.errors import EdgeusError
     from edgeus.prune import parse_methods, prune_model
     from edgeus.train.checkpoint import load_checkpoint, save_checkpoint
 
-    if len(args) != 1:
-        raise EdgeusError(f"edgeus prune takes one checkpoint, got {len(args)}: {args}")
-    src = Path(args[0])
-    model, ckpt = load_checkpoint(src)
+    src, model, ckpt = checkpoint_argument(cfg, args, "prune")
     pre, classes = ckpt.get("preprocessing") or {}, list(ckpt.get("classes") or [])
-    if pre:
-        cfg.data.image_size, cfg.data.in_chans = int(pre["image_size"]), int(pre["in_chans"])
-        cfg.data.mean, cfg.data.std = list(pre["mean"]), list(pre["std"])
-    if classes:
-        cfg.data.classes = classes
     methods = parse_methods(cfg.prune.method)
     needs_data = (cfg.prune.finetune_epochs > 0 or cfg.prune.step_epochs > 0 or cfg.prune.importance == "taylor"
                   or (cfg.prune.importance == "bn_scale" and cfg.prune.slimming_epochs > 0))
