@@ -77,13 +77,16 @@ def main(argv=None) -> int:
     }
     out = {"script": "bench/compress_busi.py", "date": time.strftime("%Y-%m-%d %H:%M"), "overrides": overrides,
            "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-           "wall_s": wall, "run_dir": str(run_dir), "models": models, "goals": GOALS, "achieved": achieved,
+           "wall_s": wall, "resumed": bool(args.resume), "run_dir": str(run_dir), "models": models, "goals": GOALS, "achieved": achieved,
            "met": verdict, "test_n": teacher["metrics"]["n"]}
     res = Path(args.results)
     res.parent.mkdir(parents=True, exist_ok=True)
     res.with_suffix(".json").write_text(json.dumps(out, indent=1))
     lines = [f"# rsmas_int8 on BUSI (developer split, test n={out['test_n']})", "",
-             f"Run: `{' '.join(overrides)}` — {wall / 60:.1f} min on {os.cpu_count()} CPU cores, {out['date']}.", "",
+             f"Run: `{' '.join(overrides)}` — {wall / 60:.1f} min on {os.cpu_count()} CPU cores"
+             + (" for this invocation, which resumed an interrupted run (the stage wall times are in the run's ledger)"
+                if args.resume else "") + f", {out['date']}. Teacher trained from scratch (no pretrained weights "
+             "exist on this machine); gates not enforced here so that every number is recorded.", "",
              "| model | accuracy | macro-F1 | malignant recall | AUC | bytes | MACs | ORT CPU ms (batch 1) |",
              "|---|---|---|---|---|---|---|---|"]
     for n, e in models.items():
