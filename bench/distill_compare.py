@@ -5,7 +5,7 @@ KD + FitNets from the same teacher, same epochs, several seeds, on the phantom a
     python bench/distill_compare.py --datasets phantom --seeds 3 --epochs 12
     python bench/distill_compare.py --quick              # smoke test (tiny, seconds)
 
-For each dataset a teacher (``--teacher``, default ``simple_cnn`` at width 1.0, 0.39 M params) is
+For each dataset a teacher (``--teacher``, default ``simple_cnn`` at width 1.0, 0.29 M params) is
 trained once with class-weighted cross-entropy and augmentation, and cached under ``--cache``
 (reused on re-runs with the same settings). Then, seed by seed, every method trains a fresh student
 (``--student``, default ``dsc_sta`` at width 0.25, 0.056 M params) from the same initialisation (``torch.manual_seed(seed)``) for the same
@@ -195,16 +195,19 @@ def _markdown(result: dict) -> str:
     L = [f"# Knowledge distillation vs plain training ({NAME}.py)", "",
          f"Student `{a['student']}` trained with plain class-weighted cross-entropy (CE) "
          f"and with the teacher `{a['teacher']}` through Hinton KD (ce + kd), decoupled KD (ce + dkd) and "
-         f"KD + FitNets hints (ce + kd + fitnet); {a['seeds']} seeds per method, all methods from the same "
+         "KD + FitNets hints (ce + kd + fitnet), several seeds per method, all methods from the same "
          "initialisation per seed; best epoch by validation macro-F1; scores on the held-out test split "
          f"(mean ± sample std over seeds). Images at {a['image_size']} px, train split not augmented, "
          "teacher outputs computed once per image; default edgeus loss weights (nothing tuned on these data). "
          f"Positive class: {POSITIVE}. Machine: {result['machine']['cpu_count']} shared CPU cores "
          f"(load average at start {result['machine']['load_start']:.1f}, at end {result['machine']['load_end']:.1f}); "
-         f"total {result['total_seconds'] / 60:.1f} min.", ""]
+         f"run time of the last invocation {result['total_seconds'] / 60:.1f} min (per-run seconds in the tables).", ""]
     for ds, d in result["datasets"].items():
         t = d["teacher"]
+        ds_set = d.get("settings", a)
         L += [f"## {ds}", "", d["description"], "",
+              f"Settings: batch {ds_set['batch_size']}, student lr {ds_set['lr']:g}, teacher lr {ds_set['teacher_lr']:g}, "
+              f"{ds_set['seeds']} seeds.", "",
               f"Teacher `{t['name']}` width {t['width']:g} ({t['params'] / 1e6:.2f} M params), {t['epochs']} epochs: "
               f"test accuracy {t['test']['accuracy']:.3f}, macro-F1 {t['test']['macro_f1']:.3f}, "
               f"{POSITIVE} recall {t['test'][f'recall_{POSITIVE}']:.3f}. "
@@ -218,7 +221,7 @@ def _markdown(result: dict) -> str:
             L.append(f"| {method} | {_fmt(s['accuracy'])} | {_fmt(s['macro_f1'])} | {_fmt(s[f'recall_{POSITIVE}'])} "
                      f"| {delta} | {wins} | {s['seconds_per_run']:.0f} |")
         L += ["", "Verdict (from the numbers above):", ""]
-        for line in d["verdict"]:
+        for line in d["verdict"] + _observations(d):
             L.append(f"- {line}")
         L.append("")
     L += ["## Caveats", "",
@@ -234,6 +237,25 @@ def _markdown(result: dict) -> str:
           "Data in Brief 28 (2020) 104863. The developer split here holds 611 of its images (benign, malignant, "
           "normal; masks not used), split 60/20/20 stratified with data.seed=0.", ""]
     return "\n".join(L)
+
+
+def _observations(d: dict) -> list[str]:
+    """Conditions that weaken the comparison, read from the results themselves."""
+    out, summ, t = [], d["summary"], d["teacher"]
+    conf = t["test"]["confusion"]
+    majority = max(sum(row) for row in conf) / max(1, sum(sum(row) for row in conf))
+    ce = summ.get("ce")
+    if ce and ce["accuracy"]["mean"] < majority:
+        out.append(f"Plain CE's mean accuracy ({ce['accuracy']['mean']:.3f}) is below the majority-class rate of the "
+                   f"test split ({majority:.3f}): the students are under-trained at this budget, so this comparison "
+                   "is weak evidence either way.")
+    rec = f"recall_{POSITIVE}"
+    fell = [m for m, s in summ.items() if m != "ce" and ce and s[rec]["mean"] < ce[rec]["mean"]]
+    if fell and t["test"][rec] < 0.5:
+        out.append(f"{', '.join(fell)} lost {POSITIVE} recall against class-weighted CE while the teacher's own "
+                   f"{POSITIVE} recall is {t['test'][rec]:.3f}: the KD/DKD terms are not class-weighted and pull the "
+                   "student toward the teacher's bias; a better teacher, or a larger CE weight, is the remedy to try.")
+    return out
 
 
 def _verdict(summary: dict) -> list[str]:
@@ -284,6 +306,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny smoke run; results go to /tmp, not bench/results")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--render-only", action="store_true", help="rewrite the .md from the .json and exit")
     p.add_argument("--keep-other", action="store_true",
                    help="keep the results of datasets not run now from an earlier results file")
     a = p.parse_args(argv)
@@ -300,6 +323,11 @@ def main(argv=None) -> int:
         p.error(f"unknown methods {bad}; use {', '.join(METHODS)}")
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if a.render_only:
+        result = json.loads((out_dir / f"{NAME}.json").read_text())
+        (out_dir / f"{NAME}.md").write_text(_markdown({**result, "datasets": {
+            k: v for k, v in result["datasets"].items() if "skipped" not in v}}))
+        return 0
     t_start = time.time()
 
     def log(msg):
@@ -338,7 +366,8 @@ def main(argv=None) -> int:
         desc = (f"{bundle.summary()}." if ds != "phantom" else
                 f"{bundle.summary()}; {a.phantom_n} simulated images per class at {a.phantom_size} px, resized.")
         result["datasets"][ds] = {
-            "description": desc, "epochs": epochs, "teacher": tinfo, "runs": runs, "summary": summary, "verdict": _verdict(summary),
+            "description": desc, "epochs": epochs, "teacher": tinfo,
+            "settings": {k: v for k, v in vars(a).items() if k not in ("out", "cache")}, "runs": runs, "summary": summary, "verdict": _verdict(summary),
             "student_params": count_params(create_model(name, num_classes=len(bundle.classes),
                                                         in_chans=bundle.preprocessing["in_chans"], width=width)),
         }
