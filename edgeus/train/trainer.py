@@ -142,6 +142,8 @@ def fit(trainable, loaders: dict, train_cfg, out_dir: str | Path | None, *, clas
             if gen is not None:
                 gen.manual_seed(epoch_seed)
         trainable.train()
+        if callable(getattr(trainable, "set_epoch", None)):   # e.g. DKD's warm-up counts epochs
+            trainable.set_epoch(epoch)
         for ds_key in ("train",):
             ds = loaders[ds_key].dataset
             if hasattr(ds, "set_epoch"):
