@@ -20,9 +20,14 @@ TINY = ["recipe=rsmas_int8", "model.name=simple_cnn", "model.width=0.25", "data.
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("compress") / "run"
-    result = compress(compose(TINY + [f"out={out}", "gates.enforce=false"]))
-    return out, result
+    base = tmp_path_factory.mktemp("compress")
+    cwd = os.getcwd()
+    os.chdir(base)                      # a relative out= as a user types it
+    try:
+        result = compress(compose(TINY + ["out=run", "gates.enforce=false"]))
+    finally:
+        os.chdir(cwd)
+    return base / "run", result
 
 
 def test_every_stage_leaves_its_artifacts_and_a_ledger_row(tiny_run):

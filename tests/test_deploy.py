@@ -444,3 +444,12 @@ def test_tensorrt_engine_build_and_run(run_dir, tmp_path):
         a = next(iter(trt_r.infer({"input": x}).values()))
         b = next(iter(ort_r.infer({"input": x}).values()))
     assert a.shape == b.shape
+
+
+def test_manifest_of_a_bundle_given_by_a_relative_path(tmp_path, monkeypatch):
+    from edgeus.deploy.manifest import file_entries
+
+    (tmp_path / "b" / "golden").mkdir(parents=True)
+    (tmp_path / "b" / "golden" / "x.npy").write_bytes(b"123")
+    monkeypatch.chdir(tmp_path)
+    assert list(file_entries("b")) == ["golden/x.npy"]

@@ -45,7 +45,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def file_entries(root: str | Path, paths: Iterable[str | Path] | None = None) -> dict[str, dict]:
     """``{relpath: {sha256, bytes}}`` for the given files (default: every file under root but the manifest)."""
-    root = Path(root)
+    root = Path(root).resolve()   # rglob of a relative root yields root-prefixed relative paths
     if paths is None:
         paths = sorted(p for p in root.rglob("*") if p.is_file() and p != root / MANIFEST)
     out = {}

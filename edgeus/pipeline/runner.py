@@ -168,7 +168,7 @@ def _open_run(cfg) -> tuple[object, Path, dict]:
     import json
 
     if cfg.resume:
-        run_dir = Path(cfg.resume)
+        run_dir = Path(cfg.resume).absolute()
         if not (run_dir / "config.yaml").is_file():
             raise EdgeusError(f"resume={run_dir}: not a compress run directory (no config.yaml)")
         saved = OmegaConf.merge(OmegaConf.structured(C.EdgeusConfig), OmegaConf.load(run_dir / "config.yaml"))
@@ -180,7 +180,7 @@ def _open_run(cfg) -> tuple[object, Path, dict]:
         return saved, run_dir, state
     if not cfg.recipe.stages:
         raise EdgeusError("no stages to run: pick a recipe (recipe=rsmas_int8; see `edgeus recipes`)")
-    run_dir = Path(cfg.out or Path(cfg.out_dir) / f"{cfg.recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = Path(cfg.out or Path(cfg.out_dir) / f"{cfg.recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}").absolute()
     if (run_dir / "state.json").exists():
         raise EdgeusError(f"{run_dir} already holds a run; use resume={run_dir} or another out=")
     run_dir.mkdir(parents=True, exist_ok=True)
