@@ -117,7 +117,7 @@ def _latency(ctx, onnx_path) -> tuple[float | None, float | None]:
     return lat["median_ms"], lat["speedup"]
 
 
-def _torch_row(ctx, name: str, out: Path, report: dict, wall: float) -> dict:
+def _torch_row(ctx, name: str, out: Path, wall: float) -> dict:
     from edgeus.models.profile import count_macs, count_params
     from edgeus.quantize import export_onnx
     from edgeus.train.checkpoint import save_checkpoint
@@ -237,7 +237,7 @@ def compress(cfg) -> dict:
         state["rows"] = [r for r in state["rows"] if r["stage"] not in (name, f"baseline: {name}")]
         rows = []
         if name in TORCH_STAGES:
-            rows.append(_torch_row(ctx, name, out, report, wall))
+            rows.append(_torch_row(ctx, name, out, wall))
         elif name == "export":
             rows.append(_onnx_row(ctx, name, ctx.artifacts["fp32_onnx"], wall, _last_torch_row(state)))
         elif name == "quantize":

@@ -81,18 +81,13 @@ def preprocess(fp32: Path, out: Path) -> Path:
 
 
 def _copy_meta(src: Path, dst: Path, extra: dict) -> None:
+    from edgeus.quantize.export import _set_meta
+
     s = onnx.load(str(src), load_external_data=False)
     d = onnx.load(str(dst))
-    have = {p.key: p for p in d.metadata_props}
-    for p in s.metadata_props:
-        if p.key not in have:
-            d.metadata_props.add(key=p.key, value=p.value)
-    for k, v in extra.items():
-        v = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
-        if k in have:
-            have[k].value = v
-        else:
-            d.metadata_props.add(key=k, value=v)
+    have = {p.key for p in d.metadata_props}
+    _set_meta(d, {p.key: p.value for p in s.metadata_props if p.key not in have})  # the source's, where missing
+    _set_meta(d, extra)
     onnx.save(d, str(dst))
 
 
