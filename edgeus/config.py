@@ -292,14 +292,19 @@ def _yaml_value(v: Any) -> str:
 
 def _apply_dotted(cfg: DictConfig, dotted: list[str], source: str) -> DictConfig:
     for item in dotted:
-        key = item.split("=", 1)[0]
+        key, _, value = item.partition("=")
+        node = OmegaConf.select(cfg, key, default=None) if key else None
+        if isinstance(node, DictConfig) and not value.lstrip().startswith("{"):
+            # `model=rsmas`: a section given a plain value (only recipe/data/target/profile are choices)
+            keys = ", ".join(f"{key}.{k}" for k in node.keys())
+            hint = f", e.g. {key}.name={value}" if "name" in node else ""
+            raise ConfigError(f"{source}: '{key}' is a section, not a choice; set one of its keys{hint}"
+                              f"\n  Keys under {key}: {keys}")
         try:
             patch = OmegaConf.from_dotlist([item])
         except Exception as e:
             raise ConfigError(f"{source}: cannot parse '{item}': {e}") from None
         cfg = _merge(cfg, patch, source)
-        # a dotted key whose value is a dict merged silently; check the leaf exists
-        del key
     return cfg
 
 

@@ -21,6 +21,13 @@ def test_typo_in_section_name():
     assert "train" in str(e.value)
 
 
+def test_section_given_a_plain_value_names_its_keys():
+    with pytest.raises(ConfigError, match=r"'model' is a section.*model\.name=rsmas"):
+        compose(["model=rsmas"])
+    cfg = compose(["model={name: rsmas, width: 0.5}"])   # a whole mapping is still fine
+    assert cfg.model.name == "rsmas" and cfg.model.width == 0.5
+
+
 def test_wrong_type_is_an_error():
     with pytest.raises(ConfigError, match="train.epochs"):
         compose(["train.epochs=many"])
