@@ -42,6 +42,31 @@ def test_kd_matches_hand_computation():
     assert float(kd_loss(torch.tensor(T), torch.tensor(T), temp)) == pytest.approx(0.0, abs=1e-7)
 
 
+def test_kd_and_dkd_weight_each_image_by_its_class_like_cross_entropy():
+    temp = 2.0
+    per = [temp ** 2 * _kl(_softmax(t, temp), _softmax(s, temp)) for s, t in zip(S, T)]
+    cw = torch.tensor([1.0, 1.0, 3.0])                  # class 2 (the second image's) counts three times
+    w = cw[torch.tensor(Y)]
+    assert float(kd_loss(torch.tensor(S), torch.tensor(T), temp, w)) == pytest.approx(
+        (per[0] + 3 * per[1]) / 4, rel=1e-5)
+    # through the distiller's term: the TermInfo's class weights reach KD and DKD
+    from edgeus.distill.base import Outputs, TermInfo
+    from edgeus.distill.dkd import DKD
+    from edgeus.distill.kd import KD
+    from edgeus.distill.config import DistillConfig
+
+    out = Outputs(torch.tensor(S), torch.tensor(T), torch.tensor(Y))
+    dcfg = DistillConfig(temperature=temp)
+    kd_w, kd_u = KD(dcfg, TermInfo(3, cw)), KD(dcfg, TermInfo(3))
+    assert float(kd_w(out)) == pytest.approx((per[0] + 3 * per[1]) / 4, rel=1e-5)
+    assert float(kd_u(out)) == pytest.approx(sum(per) / 2, rel=1e-5)
+    assert float(KD(dcfg, TermInfo(3, torch.full((3,), 2.0)))(out)) == pytest.approx(sum(per) / 2, rel=1e-5)
+    hand = [_dkd_by_hand(s, t, y, temp) for s, t, y in zip(S, T, Y)]
+    tckd, _ = dkd_terms(torch.tensor(S), torch.tensor(T), torch.tensor(Y), temp, w)
+    assert float(tckd) == pytest.approx((hand[0][0] + 3 * hand[1][0]) / 4, rel=1e-5)
+    assert float(DKD(dcfg, TermInfo(3, cw))(out)) != pytest.approx(float(DKD(dcfg, TermInfo(3))(out)))
+
+
 def _dkd_by_hand(s, t, y, temp):
     ps, pt = _softmax(s, temp), _softmax(t, temp)
     tckd = _kl([pt[y], 1 - pt[y]], [ps[y], 1 - ps[y]])

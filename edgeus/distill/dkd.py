@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from edgeus.distill.base import LossTerm, Outputs, TermInfo, register_loss
+from edgeus.distill.kd import weighted_mean
 
 
 def _binary_log_probs(z: torch.Tensor, gt_mask: torch.Tensor) -> torch.Tensor:
@@ -29,25 +30,26 @@ def _binary_log_probs(z: torch.Tensor, gt_mask: torch.Tensor) -> torch.Tensor:
 
 
 def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-              temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(TCKD, NCKD), batch means, *without* the T^2 factor."""
+              temperature: float, sample_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(TCKD, NCKD), batch means (weighted by ``sample_weight`` when given), *without* the T^2 factor."""
     t = float(temperature)
     zs, zt = student_logits / t, teacher_logits / t
     gt = F.one_hot(labels.long(), zs.shape[1]).bool()
     # target-class term: KL between the binary distributions
     bs, bt = _binary_log_probs(zs, gt), _binary_log_probs(zt, gt)
-    tckd = (bt.exp() * (bt - bs)).sum(1).mean()
+    tckd = weighted_mean((bt.exp() * (bt - bs)).sum(1), sample_weight)
     # non-target term: KL between the renormalised non-target distributions
     ls = F.log_softmax(zs.masked_fill(gt, float("-inf")), dim=1)
     lt = F.log_softmax(zt.masked_fill(gt, float("-inf")), dim=1)
     zero = torch.zeros((), dtype=zs.dtype, device=zs.device)
     ls, lt = torch.where(gt, zero, ls), torch.where(gt, zero, lt)
-    nckd = (lt.exp().masked_fill(gt, 0.0) * (lt - ls)).sum(1).mean()
+    nckd = weighted_mean((lt.exp().masked_fill(gt, 0.0) * (lt - ls)).sum(1), sample_weight)
     return tckd, nckd
 
 
-def dkd_loss(student_logits, teacher_logits, labels, alpha: float, beta: float, temperature: float):
-    tckd, nckd = dkd_terms(student_logits, teacher_logits, labels, temperature)
+def dkd_loss(student_logits, teacher_logits, labels, alpha: float, beta: float, temperature: float,
+             sample_weight: torch.Tensor | None = None):
+    tckd, nckd = dkd_terms(student_logits, teacher_logits, labels, temperature, sample_weight)
     return (alpha * tckd + beta * nckd) * float(temperature) ** 2
 
 
@@ -64,6 +66,8 @@ class DKD(LossTerm):
         if info.num_classes < 3:
             # with two classes there is one non-target class: NCKD is identically zero
             self.note = "NCKD is zero with 2 classes; DKD reduces to alpha * TCKD"
+        w = info.class_weights   # as in KD: the batch mean is class-weighted like the cross-entropy
+        self.register_buffer("class_weights", None if w is None else torch.as_tensor(w, dtype=torch.float32))
 
     def ramp(self, epoch: float | None) -> float:
         if self.warmup <= 0 or epoch is None:
@@ -71,6 +75,7 @@ class DKD(LossTerm):
         return min(1.0, max(0.0, epoch) / self.warmup)
 
     def forward(self, out: Outputs) -> torch.Tensor:
+        w = None if self.class_weights is None else self.class_weights[out.labels.long()]
         loss = dkd_loss(out.student_logits, out.teacher_logits, out.labels,
-                        self.alpha, self.beta, self.temperature)
+                        self.alpha, self.beta, self.temperature, w)
         return self.ramp(out.epoch) * loss

@@ -110,9 +110,11 @@ def _freeze_bn(model: nn.Module) -> None:
             m.eval()
 
 
-def _kd_loss(student_logits, teacher_logits, labels, weight: float, t: float):
-    ce = F.cross_entropy(student_logits, labels)
-    kd = F.kl_div(F.log_softmax(student_logits / t, 1), F.softmax(teacher_logits / t, 1), reduction="batchmean") * t * t
+def _kd_loss(student_logits, teacher_logits, labels, weight: float, t: float, class_weights=None):
+    from edgeus.distill.kd import kd_loss
+
+    ce = F.cross_entropy(student_logits, labels, weight=class_weights)
+    kd = kd_loss(student_logits, teacher_logits, t, None if class_weights is None else class_weights[labels])
     return ce + weight * kd, {"ce": float(ce), "kd": float(kd)}
 
 
@@ -167,10 +169,13 @@ def qat_finetune(model: nn.Module, bundle, cfg, layout: qdq.QDQLayout, calib=Non
             for fq in wrapped.values():
                 fq.enabled = True
     distiller, kd_name = None, "kd(inline)"
+    # the same class weights as every other training step of the run (data.balance=weights)
+    cw = bundle.class_weights() if cfg.data.balance == "weights" else None
+    cw = None if cw is None else torch.as_tensor(cw, dtype=torch.float32, device=device)
     try:
         from edgeus.distill import build_distiller
 
-        distiller = build_distiller(student, teacher, cfg.distill)
+        distiller = build_distiller(student, teacher, cfg.distill, class_weights=cw)
         probe = next(iter(DataLoader(bundle.train, batch_size=2)))
         distiller.forward_train({k: (v.to(device) if torch.is_tensor(v) else v) for k, v in probe.items()})
         kd_name = f"edgeus.distill:{type(distiller).__name__}"
@@ -202,7 +207,7 @@ def qat_finetune(model: nn.Module, bundle, cfg, layout: qdq.QDQLayout, calib=Non
                 with torch.no_grad():
                     t_logits = teacher(batch["image"])
                 loss, _ = _kd_loss(student(batch["image"]), t_logits, batch["label"], float(qcfg.qat_kd_weight),
-                                   float(qcfg.qat_kd_temperature))
+                                   float(qcfg.qat_kd_temperature), cw)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
