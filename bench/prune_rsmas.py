@@ -32,13 +32,15 @@ sys.path.insert(0, str(ROOT))
 from edgeus.config import compose  # noqa: E402
 from edgeus.models import create_model  # noqa: E402
 from edgeus.prune import prune_model  # noqa: E402
-from edgeus.prune.measure import export, latency_ratio, session  # noqa: E402
+from edgeus.prune.measure import export, latency_ratio  # noqa: E402
 
 OUT = ROOT / "bench" / "results"
 
 
 def parity(path, model, x) -> float:
-    s = session(path)
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         ref = model(x).numpy()
     return float(np.abs(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0] - ref).max())

@@ -263,10 +263,11 @@ def test_torch_runner_matches_onnxruntime(tmp_path):
 def test_bench_compare_interleaves_and_writes_ratios(run_dir, tmp_path):
     from edgeus.deploy import bench
 
-    cfg = compose(["bench.iters=8", "bench.warmup=1", "bench.batch_sizes=[1,2]"])
+    # blocks of 3 timed calls: 3 + 3 + 2 per model and batch size, the last block cut short
+    cfg = compose(["bench.iters=8", "bench.warmup=1", "bench.batch_sizes=[1,2]", "bench.block=3"])
     out = tmp_path / "res.json"
     res = bench([run_dir / "student.fp32.onnx", run_dir / "student.int8.onnx"], cfg, out=out)
-    assert res["mode"] == "compare" and res["settings"]["interleaved"]
+    assert res["mode"] == "compare" and res["settings"]["interleaved"] and res["settings"]["block"] == 3
     for m in res["models"]:
         for b in ("1", "2"):
             st = m["batches"][b]

@@ -8,7 +8,7 @@ Backends by file: .onnx -> onnxruntime (CPU; CUDA/TensorRT providers with bench.
 .pt (edgeus checkpoint) -> torch (bench.device=cpu|cuda, bench.fp16), .engine -> TensorRT (pycuda).
 Warm-up, bench.iters timed iterations, p50/p90/p99/mean latency and throughput per batch size,
 memory; on a Jetson, power and energy per inference from tegrastats and the nvpmodel/clock state.
-Compare mode interleaves the models' iterations in one process and reports speedups against the
+Compare mode runs the models in rotated blocks of bench.block calls in one process and reports speedups against the
 first model. out=<file.json> writes JSON and a markdown table (<file>.md).
 """
 from __future__ import annotations

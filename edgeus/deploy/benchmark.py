@@ -1,9 +1,17 @@
 """``edgeus bench``: latency, throughput and memory of models on a backend; ``compare`` gives ratios.
 
 Machines are noisy, so the numbers we trust are ratios measured in one process: in compare mode
-the models' iterations are interleaved (A, B, B, A, ... with the order rotated every iteration) and
-each model's latency is reported with its ratio to the first model (the baseline), both as a
-ratio of medians and as the median of per-iteration paired ratios.
+the models run interleaved in blocks (``bench.block`` timed iterations of A, then of B, ..., the
+order rotated every block, each block after a short pause and one untimed call) and each model's latency is
+reported with its ratio to the first model (the baseline), both as a ratio of medians and as the
+median of per-iteration paired ratios.
+
+Why blocks and not single iterations: interleaving call by call measured models that never run
+that way. ONNX Runtime's intra-op threads keep spinning for a while after a call returns, so the
+next session's threads found the cores busy (on 2 cores a full-width RSMAS-Net took 21 ms
+interleaved call by call against 9.3 ms alone), and a large model between two calls of a small one
+evicts the small one's weights from the caches. A block runs each model as a device would, back to
+back, and the rotation still spreads slow drifts of the machine over all models.
 """
 from __future__ import annotations
 
@@ -13,6 +21,7 @@ import logging
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +33,7 @@ from edgeus.errors import EdgeusError
 
 log = logging.getLogger(__name__)
 SCHEMA = "edgeus-bench/1"
+SETTLE_S = 0.05   # compare mode: pause before each block (ONNX Runtime's threads spin ~ms after a call)
 
 
 def latency_stats(seconds: list[float], batch: int) -> dict[str, float]:
@@ -145,14 +155,16 @@ def bench(paths: list, cfg, *, out: str | Path | None = None) -> dict[str, Any]:
                 runners[i].infer(feeds[i], check_inputs=True)   # one checked call
             times: dict[int, list[float]] = {i: [] for i in active}
             if compare:
-                for it in range(int(bcfg.iters)):
-                    k = it % len(active)
-                    for i in active[k:] + active[:k]:       # rotate the order every iteration
-                        runners[i].infer(feeds[i], check_inputs=False)
-                        times[i].append(runners[i].last_inference_time)
-                    if it % 10 == 0:
-                        for i in active:
-                            runners[i].sample_memory()
+                block = max(1, int(bcfg.block))
+                for j, start in enumerate(range(0, int(bcfg.iters), block)):
+                    k = j % len(active)
+                    for i in active[k:] + active[:k]:       # rotate the order every block
+                        time.sleep(SETTLE_S)                # the last model's spinning threads go idle
+                        runners[i].infer(feeds[i], check_inputs=False)   # and its caches warm: not timed
+                        for _ in range(min(block, int(bcfg.iters) - start)):
+                            runners[i].infer(feeds[i], check_inputs=False)
+                            times[i].append(runners[i].last_inference_time)
+                        runners[i].sample_memory()
             else:
                 for i in active:
                     for it in range(int(bcfg.iters)):
@@ -178,7 +190,7 @@ def bench(paths: list, cfg, *, out: str | Path | None = None) -> dict[str, Any]:
         "mode": "compare" if compare else "single",
         "settings": {"backend": bcfg.backend, "device": bcfg.device, "warmup": int(bcfg.warmup),
                      "iters": int(bcfg.iters), "batch_sizes": batch_sizes, "threads": bcfg.threads,
-                     "fp16": bool(bcfg.fp16), "interleaved": compare},
+                     "fp16": bool(bcfg.fp16), "interleaved": compare, "block": int(bcfg.block) if compare else None},
         "env": env, "models": models, "warnings": warnings,
     }
     if compare:
@@ -193,7 +205,6 @@ def _power(runners, feeds, active, b, bcfg, models) -> None:
 
     if not tegrastats.available():
         return
-    import time
 
     for i in active:
         n, t_end = 0, time.perf_counter() + max(2.0, 5 * bcfg.tegrastats_interval_ms / 1e3)
@@ -231,7 +242,7 @@ def to_markdown(results: dict[str, Any]) -> str:
              f"- machine: {env.get('platform')} ({env.get('cpu_count')} CPUs)"
              + (f", GPU {env['gpu']} (SM {env.get('compute_capability')})" if env.get("gpu") else ""),
              f"- onnxruntime {env.get('onnxruntime', '-')}" + (f", torch {env['torch']}" if env.get("torch") else ""),
-             f"- settings: " + ", ".join(f"{k}={v}" for k, v in results["settings"].items()), ""]
+             "- settings: " + ", ".join(f"{k}={v}" for k, v in results["settings"].items()), ""]
     comp = {(r["model"], r["batch"]): r for r in results.get("compare", {}).get("ratios", [])}
     head = "| model | backend | batch | p50 ms | p90 ms | p99 ms | mean ms | img/s |"
     sep = "|---|---|---:|---:|---:|---:|---:|---:|"

@@ -59,6 +59,7 @@ class BenchConfig:
     image_size: Optional[int] = None      # input H=W when the model does not fix it
     in_chans: Optional[int] = None
     compare: Optional[bool] = None        # None = compare when two or more models are given
+    block: int = 25                       # compare mode: timed iterations of one model before the next runs
     threads: Optional[int] = None         # intra-op threads (onnxruntime / torch)
     tegrastats_interval_ms: int = 100     # Jetson power sampling period
     markdown: bool = True                 # also write <out>.md next to the JSON

@@ -1,12 +1,9 @@
-"""Dense-runtime checks: ONNX export of two models and their ONNX Runtime CPU latency, interleaved."""
+"""Dense-runtime checks: ONNX export of two models and their ONNX Runtime CPU latency."""
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -20,34 +17,19 @@ def export(model: nn.Module, example: torch.Tensor, path: str | Path, opset: int
     return Path(path)
 
 
-def session(path: str | Path, threads: int = 0):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def latency_ratio(paths: dict[str, str | Path], example: torch.Tensor, runs: int = 30, warmup: int = 5,
                   threads: int = 0) -> dict:
-    """Median ONNX Runtime latency (ms) of each model, measured interleaved in one process.
+    """Median ONNX Runtime CPU latency (ms) of each model, timed with ``edgeus.deploy.bench`` in one
+    process (block-interleaved, see its docstring). Returns ``{"ms": {name: median}, "runs": runs}``."""
+    from edgeus.config import compose
+    from edgeus.deploy import bench
 
-    Returns ``{"ms": {name: median}, "runs": runs}``; the caller forms ratios.
-    """
-    x = example.detach().cpu().numpy().astype(np.float32)
-    sess = {k: session(p, threads) for k, p in paths.items()}
-    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sess.items()}
-    for _ in range(warmup):
-        for k, s in sess.items():
-            s.run(None, feeds[k])
-    times: dict[str, list[float]] = {k: [] for k in sess}
-    for _ in range(runs):
-        for k, s in sess.items():
-            t = time.perf_counter()
-            s.run(None, feeds[k])
-            times[k].append((time.perf_counter() - t) * 1e3)
-    return {"ms": {k: round(statistics.median(v), 4) for k, v in times.items()}, "runs": runs}
+    cfg = compose([f"bench.iters={runs}", f"bench.warmup={warmup}", "bench.backend=onnxruntime",
+                   "bench.device=cpu", f"bench.image_size={example.shape[-1]}", f"bench.in_chans={example.shape[1]}",
+                   f"bench.batch_sizes=[{example.shape[0]}]"] + ([f"bench.threads={threads}"] if threads else []))
+    res = bench(list(paths.values()), cfg)
+    ms = {k: round(m["batches"][str(example.shape[0])]["p50_ms"], 4) for k, m in zip(paths, res["models"])}
+    return {"ms": ms, "runs": runs}
 
 
 def dense_latency_ratio(before: nn.Module, after: nn.Module, example: torch.Tensor, runs: int = 20) -> dict:
