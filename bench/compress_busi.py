@@ -6,7 +6,7 @@
 
 Everything in the result file is measured by this script in one run: the teacher, the student
 and the INT8-only teacher are evaluated on the same test split, and their ONNX Runtime CPU
-latencies come from the bench stage, which times them interleaved in one process.
+latencies are timed block-interleaved in one process at all cores and at one thread.
 BUSI: Al-Dhabyani W, Gomaa M, Khaled H, Fahmy A. Dataset of breast ultrasound images.
 Data in Brief 28 (2020) 104863.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 GOALS = {"bytes_ratio": 20.0, "latency_ratio_vs_fp32": 8.0, "latency_ratio_vs_int8_teacher": 3.0,
-         "max_accuracy_drop": 0.01, "max_malignant_recall_drop": 0.02}
+         "max_accuracy_drop": 0.01, "max_malignant_recall_drop": 0.02}   # from the issue
 
 
 def main(argv=None) -> int:
@@ -33,71 +33,107 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="run directory (default runs/bench-busi-<time>)")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
     ap.add_argument("--results", default=str(HERE / "results" / "compress_busi"))
+    ap.add_argument("--iters", type=int, default=200, help="timed calls per model and thread setting")
     args = ap.parse_args(argv)
     if not Path(args.root).is_dir():
         print(f"BUSI not found at {args.root}; pass --root", file=sys.stderr)
         return 2
+    from omegaconf import OmegaConf
+
     from edgeus.config import compose
+    from edgeus.deploy import bench
     from edgeus.pipeline import compress
 
     run_dir = Path(args.out or f"runs/bench-busi-{time.strftime('%Y%m%d-%H%M%S')}")
     overrides = ["recipe=rsmas_int8", "data=busi", f"data.root={args.root}", f"profile={args.profile}",
                  "gates.enforce=false", f"out={run_dir}", *args.set]
+    load_start = os.getloadavg()[0]
     t0 = time.time()
-    result = compress(compose([f"resume={run_dir}"] if args.resume else overrides))
+    compress(compose([f"resume={run_dir}"] if args.resume else overrides))
     wall = time.time() - t0
     ledger = json.loads((run_dir / "ledger.json").read_text())
     rows = {r["stage"]: r for r in ledger["rows"]}
-    bench = json.loads((next(run_dir.glob("*-bench")) / "report.json").read_text())["latency"]["batch 1"]
-    teacher, student, base = rows["teacher"], rows["quantize"], rows["baseline: teacher int8 (ORT)"]
+    onnx = json.loads((next(run_dir.glob("*-bench")) / "report.json").read_text())["models"]
+    names = {"teacher fp32": ("teacher", "teacher fp32"),
+             "teacher int8 (ORT only)": ("baseline: teacher int8 (ORT)", "teacher int8 (ORT only)"),
+             "student int8 (rsmas_int8)": ("quantize", "student int8")}
+    paths = [onnx[b] for _, b in names.values()]
+    # ONNX Runtime CPU latency, batch 1, at the default thread count (all cores) and at one thread:
+    # the teacher's large convolutions use every core, the small student is bound by per-node overhead,
+    # so the ratios depend on the threads a device gives the model. Block-interleaved in this process.
+    latency = {}
+    for label, extra in (("all cores", []), ("1 thread", ["bench.threads=1"])):
+        bcfg = compose(["bench.backend=onnxruntime", "bench.device=cpu", f"bench.iters={args.iters}", *extra])
+        res = bench(paths, bcfg, out=run_dir / f"latency-{label.replace(' ', '-')}.json")
+        latency[label] = {n: m["batches"]["1"]["p50_ms"] for n, m in zip(names, res["models"])}
 
-    def entry(row, bench_name):
-        m = row["metrics"]
-        return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "malignant_recall": m["recall"]["malignant"],
-                "auc": m["auc"], "ece": m["ece"], "bytes": bench[bench_name]["bytes"], "macs": row["macs"],
-                "params": row["params"], "ort_cpu_median_ms": bench[bench_name]["median_ms"]}
-
-    models = {"teacher fp32": entry(teacher, "teacher fp32"),
-              "teacher int8 (ORT only)": entry(base, "teacher int8 (ORT only)"),
-              "student int8 (rsmas_int8)": entry(student, "student int8")}
+    models = {}
+    for n, (stage, _) in names.items():
+        row, m = rows[stage], rows[stage]["metrics"]
+        i, conf = list(m["recall"]).index("malignant"), m["confusion"]
+        models[n] = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "malignant_recall": m["recall"]["malignant"],
+                     "correct": sum(conf[k][k] for k in range(len(conf))), "malignant_found": conf[i][i],
+                     "malignant_n": sum(conf[i]),
+                     "auc": m["auc"], "ece": m["ece"], "bytes": Path(onnx[names[n][1]]).stat().st_size,
+                     "macs": row["macs"], "params": row["params"],
+                     "ort_cpu_median_ms": {k: v[n] for k, v in latency.items()}}
     t, s, b = models["teacher fp32"], models["student int8 (rsmas_int8)"], models["teacher int8 (ORT only)"]
-    achieved = {
-        "bytes_ratio": t["bytes"] / s["bytes"],
-        "latency_ratio_vs_fp32": t["ort_cpu_median_ms"] / s["ort_cpu_median_ms"],
-        "latency_ratio_vs_int8_teacher": b["ort_cpu_median_ms"] / s["ort_cpu_median_ms"],
-        "accuracy_drop": t["accuracy"] - s["accuracy"],
-        "malignant_recall_drop": t["malignant_recall"] - s["malignant_recall"],
-    }
-    verdict = {
-        "bytes_ratio": achieved["bytes_ratio"] >= GOALS["bytes_ratio"],
-        "latency_ratio_vs_fp32": achieved["latency_ratio_vs_fp32"] >= GOALS["latency_ratio_vs_fp32"],
-        "latency_ratio_vs_int8_teacher": achieved["latency_ratio_vs_int8_teacher"] >= GOALS["latency_ratio_vs_int8_teacher"],
-        "accuracy_drop": achieved["accuracy_drop"] <= GOALS["max_accuracy_drop"],
-        "malignant_recall_drop": achieved["malignant_recall_drop"] <= GOALS["max_malignant_recall_drop"],
-    }
+    achieved = {"bytes_ratio": t["bytes"] / s["bytes"]}
+    for k in latency:
+        achieved[f"latency_ratio_vs_fp32 ({k})"] = t["ort_cpu_median_ms"][k] / s["ort_cpu_median_ms"][k]
+        achieved[f"latency_ratio_vs_int8_teacher ({k})"] = b["ort_cpu_median_ms"][k] / s["ort_cpu_median_ms"][k]
+    achieved["accuracy_drop"] = t["accuracy"] - s["accuracy"]
+    achieved["malignant_recall_drop"] = t["malignant_recall"] - s["malignant_recall"]
+    verdict = {k: (v <= GOALS["max_" + k] if k.endswith("_drop") else v >= GOALS[k.split(" (")[0]])
+               for k, v in achieved.items()}
     out = {"script": "bench/compress_busi.py", "date": time.strftime("%Y-%m-%d %H:%M"), "overrides": overrides,
            "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-           "wall_s": wall, "resumed": bool(args.resume), "run_dir": str(run_dir), "models": models, "goals": GOALS, "achieved": achieved,
-           "met": verdict, "test_n": teacher["metrics"]["n"]}
+           "wall_s": wall, "resumed": bool(args.resume), "run_dir": str(run_dir), "models": models, "goals": GOALS,
+           "achieved": achieved, "met": verdict, "test_n": rows["teacher"]["metrics"]["n"],
+           "load_average": {"start": load_start, "end": os.getloadavg()[0]}}
     res = Path(args.results)
     res.parent.mkdir(parents=True, exist_ok=True)
     res.with_suffix(".json").write_text(json.dumps(out, indent=1))
     lines = [f"# rsmas_int8 on BUSI (developer split, test n={out['test_n']})", "",
              f"Run: `{' '.join(overrides)}` — {wall / 60:.1f} min on {os.cpu_count()} CPU cores"
-             + (" for this invocation, which resumed an interrupted run (the stage wall times are in the run's ledger)"
-                if args.resume else "") + f", {out['date']}. Teacher trained from scratch (no pretrained weights "
-             "exist on this machine); gates not enforced here so that every number is recorded.", "",
-             "| model | accuracy | macro-F1 | malignant recall | AUC | bytes | MACs | ORT CPU ms (batch 1) |",
-             "|---|---|---|---|---|---|---|---|"]
+             + (f" for this invocation, which resumed an earlier run (its stages took "
+                f"{sum(r.get('wall_s') or 0 for r in ledger['rows']) / 60:.1f} min in all, per the ledger)"
+                if args.resume else "") + f", {out['date']} (load average {load_start:.1f} at start, "
+             f"{out['load_average']['end']:.1f} at end). "
+             + ("Teacher trained from scratch in this run (no pretrained weights exist on this machine)"
+                if not OmegaConf.load(run_dir / "config.yaml").teacher.checkpoint
+                else "Teacher loaded from a checkpoint (`teacher.checkpoint=`)")
+             + "; gates not enforced here so that every number is recorded.", "",
+             "| model | accuracy | macro-F1 | malignant recall | AUC | bytes | MACs | ORT CPU ms, all cores | ORT CPU ms, 1 thread |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for n, e in models.items():
-        lines.append(f"| {n} | {e['accuracy']:.3f} | {e['macro_f1']:.3f} | {e['malignant_recall']:.3f} | "
-                     f"{e['auc']:.3f} | {e['bytes']:,} | {e['macs'] / 1e6:.0f} M | {e['ort_cpu_median_ms']:.2f} |")
-    lines += ["", "| goal | target | achieved | met |", "|---|---|---|---|",
-              f"| bytes, teacher / student | ≥ {GOALS['bytes_ratio']:.0f}× | {achieved['bytes_ratio']:.1f}× | {verdict['bytes_ratio']} |",
-              f"| latency, FP32 teacher / student | ≥ {GOALS['latency_ratio_vs_fp32']:.0f}× | {achieved['latency_ratio_vs_fp32']:.1f}× | {verdict['latency_ratio_vs_fp32']} |",
-              f"| latency, INT8-only teacher / student | ≥ {GOALS['latency_ratio_vs_int8_teacher']:.0f}× | {achieved['latency_ratio_vs_int8_teacher']:.1f}× | {verdict['latency_ratio_vs_int8_teacher']} |",
-              f"| accuracy lost | ≤ {GOALS['max_accuracy_drop'] * 100:.0f} pt | {achieved['accuracy_drop'] * 100:+.1f} pt | {verdict['accuracy_drop']} |",
-              f"| malignant recall lost | ≤ {GOALS['max_malignant_recall_drop'] * 100:.0f} pt | {achieved['malignant_recall_drop'] * 100:+.1f} pt | {verdict['malignant_recall_drop']} |",
+        ms = e["ort_cpu_median_ms"]
+        lines.append(f"| {n} | {e['accuracy']:.3f} ({e['correct']}/{out['test_n']}) | {e['macro_f1']:.3f} | "
+                     f"{e['malignant_recall']:.3f} ({e['malignant_found']}/{e['malignant_n']}) | "
+                     f"{e['auc']:.3f} | {e['bytes']:,} | {e['macs'] / 1e6:.0f} M | {ms['all cores']:.2f} | {ms['1 thread']:.2f} |")
+    lines += ["", f"One test image is {100 / out['test_n']:.1f} points of accuracy and one malignant image "
+              f"{100 / models['teacher fp32']['malignant_n']:.1f} points of malignant recall, so the 1- and 2-point goals "
+              "allow no net loss of a single image.", "", f"Latency: median of {args.iters} batch-1 calls per model and thread setting, ONNX Runtime "
+              "CPU, the three models block-interleaved in one process (`edgeus bench`).", "",
+              "| goal | target | achieved | met |", "|---|---|---|---|"]
+    for k, v in achieved.items():
+        base = k.split(" (")[0]
+        if k.endswith("_drop"):
+            lines.append(f"| {k.replace('_', ' ')} | ≤ {GOALS['max_' + k] * 100:.0f} pt | {v * 100:+.1f} pt | {verdict[k]} |")
+        else:
+            lines.append(f"| {k.replace('_', ' ')} | ≥ {GOALS[base]:.0f}× | {v:.1f}× | {verdict[k]} |")
+    lines += [
+              "", "## The recipe's gates on the final student (not enforced in this run)", "",
+              "| metric | teacher | student | change | limit | passed |", "|---|---|---|---|---|---|"]
+    state = json.loads((run_dir / "state.json").read_text())
+    for g in state.get("gates") or []:
+        if g["stage"] == "quantize":
+            lines.append(f"| {g['metric']} | {g['teacher']:.3f} | {g['student']:.3f} | {g['change']:+.3f} | "
+                         f"{g['limit']:.2f} | {g['passed']} |")
+    lines += [
+              "", "## Every stage of the run (its ledger)", "",
+              "Accuracy, recall and AUC on the test split; latency from ONNX Runtime on this CPU, timed "
+              "together with the teacher, batch 1.", "", (run_dir / "ledger.md").read_text().strip(),
               "", "Data: Al-Dhabyani W, Gomaa M, Khaled H, Fahmy A. Dataset of breast ultrasound images. "
               "Data in Brief 28 (2020) 104863."]
     res.with_suffix(".md").write_text("\n".join(lines) + "\n")
