@@ -1,12 +1,12 @@
 """RSMAS-Net (full width, 112x112, 1 channel, 2 classes) pruned to a 0.3 MACs budget.
 
 Measures, in one run: MACs and parameters before/after, ONNX export of both (with torch parity),
-ONNX Runtime CPU latency of both interleaved (medians and the ratio), and the unstructured-sparsity
+ONNX Runtime CPU latency of both timed in one process (edgeus bench, rotated blocks; medians and the ratio), and the unstructured-sparsity
 check (50 % global magnitude sparsity: dense latency ratio ~1.0, smaller gzip file). Weights are
 seeded random (untrained): latency and MACs do not depend on the values; accuracy is not measured here
 (tests/test_prune.py checks recovery after fine-tuning on the phantom).
 
-    python bench/prune_rsmas.py            # 50 interleaved runs
+    python bench/prune_rsmas.py            # 50 timed runs per model
     python bench/prune_rsmas.py --quick    # 15 runs
 
 Writes bench/results/prune_rsmas.json and .md.
@@ -114,7 +114,7 @@ def main() -> int:
     md = [
         "# prune_rsmas: RSMAS-Net pruned to a %.2f MACs budget" % args.target_macs,
         "",
-        f"{result['model']}; ONNX Runtime CPU, batch 1, {runs} interleaved runs, medians "
+        f"{result['model']}; ONNX Runtime CPU, batch 1, {runs} runs per model in rotated blocks (edgeus bench), medians "
         f"(load average at the end: {result['machine']['loadavg']}).",
         "",
         "| | dense | pruned | ratio |",
