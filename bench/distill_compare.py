@@ -253,8 +253,8 @@ def _observations(d: dict) -> list[str]:
     fell = [m for m, s in summ.items() if m != "ce" and ce and s[rec]["mean"] < ce[rec]["mean"]]
     if fell and t["test"][rec] < 0.5:
         out.append(f"{', '.join(fell)} lost {POSITIVE} recall against class-weighted CE while the teacher's own "
-                   f"{POSITIVE} recall is {t['test'][rec]:.3f}: the KD/DKD terms are not class-weighted and pull the "
-                   "student toward the teacher's bias; a better teacher, or a larger CE weight, is the remedy to try.")
+                   f"{POSITIVE} recall is {t['test'][rec]:.3f}: the KD/DKD terms (class-weighted like the CE) still "
+                   "pull the student toward the teacher's own bias; a better teacher is the remedy to try.")
     return out
 
 
