@@ -64,9 +64,17 @@ class LossTerm(nn.Module):
     name: ClassVar[str] = ""
     needs_teacher: ClassVar[bool] = True     # needs teacher logits
     needs_features: ClassVar[bool] = False   # needs the tapped feature pairs
+    class_weighted: ClassVar[bool] = False   # weights each image by its class (info.class_weights), as CE does
 
     def __init__(self, cfg, info: TermInfo):
         super().__init__()
+        if self.class_weighted:
+            w = info.class_weights
+            self.register_buffer("class_weights", None if w is None else torch.as_tensor(w, dtype=torch.float32))
+
+    def sample_weight(self, out: Outputs) -> torch.Tensor | None:
+        """Each image's class weight (None without class weights): for a class-weighted batch mean."""
+        return None if self.class_weights is None else self.class_weights[out.labels.long()]
 
     def forward(self, out: Outputs) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -81,11 +89,7 @@ class CE(LossTerm):
 
     name = "ce"
     needs_teacher = False
-
-    def __init__(self, cfg, info: TermInfo):
-        super().__init__(cfg, info)
-        w = info.class_weights
-        self.register_buffer("class_weights", None if w is None else torch.as_tensor(w, dtype=torch.float32))
+    class_weighted = True
 
     def forward(self, out: Outputs) -> torch.Tensor:
         return F.cross_entropy(out.student_logits, out.labels, weight=self.class_weights)

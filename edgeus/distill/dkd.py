@@ -56,6 +56,7 @@ def dkd_loss(student_logits, teacher_logits, labels, alpha: float, beta: float, 
 @register_loss
 class DKD(LossTerm):
     name = "dkd"
+    class_weighted = True   # as in KD: the batch mean is class-weighted like the cross-entropy
 
     def __init__(self, cfg, info: TermInfo):
         super().__init__(cfg, info)
@@ -66,8 +67,6 @@ class DKD(LossTerm):
         if info.num_classes < 3:
             # with two classes there is one non-target class: NCKD is identically zero
             self.note = "NCKD is zero with 2 classes; DKD reduces to alpha * TCKD"
-        w = info.class_weights   # as in KD: the batch mean is class-weighted like the cross-entropy
-        self.register_buffer("class_weights", None if w is None else torch.as_tensor(w, dtype=torch.float32))
 
     def ramp(self, epoch: float | None) -> float:
         if self.warmup <= 0 or epoch is None:
@@ -75,7 +74,6 @@ class DKD(LossTerm):
         return min(1.0, max(0.0, epoch) / self.warmup)
 
     def forward(self, out: Outputs) -> torch.Tensor:
-        w = None if self.class_weights is None else self.class_weights[out.labels.long()]
         loss = dkd_loss(out.student_logits, out.teacher_logits, out.labels,
-                        self.alpha, self.beta, self.temperature, w)
+                        self.alpha, self.beta, self.temperature, self.sample_weight(out))
         return self.ramp(out.epoch) * loss

@@ -39,15 +39,13 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 @register_loss
 class KD(LossTerm):
     name = "kd"
+    class_weighted = True
 
     def __init__(self, cfg, info: TermInfo):
         super().__init__(cfg, info)
         self.temperature = float(cfg.temperature)
         if self.temperature <= 0:
             raise ValueError(f"distill.temperature must be > 0, got {self.temperature}")
-        w = info.class_weights
-        self.register_buffer("class_weights", None if w is None else torch.as_tensor(w, dtype=torch.float32))
 
     def forward(self, out: Outputs) -> torch.Tensor:
-        w = None if self.class_weights is None else self.class_weights[out.labels.long()]
-        return kd_loss(out.student_logits, out.teacher_logits, self.temperature, w)
+        return kd_loss(out.student_logits, out.teacher_logits, self.temperature, self.sample_weight(out))
