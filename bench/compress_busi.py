@@ -3,6 +3,8 @@
 
     python bench/compress_busi.py                       # profile=full on ../shared/data/busi
     python bench/compress_busi.py --set train.epochs=20 --set model.width=0.5   # a cheaper run
+    python bench/compress_busi.py --seed 1 --teacher runs/<run>/00-teacher/model.pt
+        # the stages after the teacher again with another seed -> compress_busi_seed1.{json,md}
 
 Everything in the result file is measured by this script in one run: the teacher, the student
 and the INT8-only teacher are evaluated on the same test split, and their ONNX Runtime CPU
@@ -32,7 +34,12 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], help="extra key=value overrides")
     ap.add_argument("--out", default=None, help="run directory (default runs/bench-busi-<time>)")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
-    ap.add_argument("--results", default=str(HERE / "results" / "compress_busi"))
+    ap.add_argument("--seed", type=int, default=0, help="training seed of the run (seed=N); the results of "
+                    "N > 0 go to compress_busi_seed<N> so that a spread over seeds sits beside the main run")
+    ap.add_argument("--teacher", default=None, help="load this teacher checkpoint (teacher.checkpoint=) "
+                    "instead of training one: the seeds then vary only the stages after the teacher")
+    ap.add_argument("--results", default=None, help="results path without suffix (default bench/results/"
+                    "compress_busi, or compress_busi_seed<N>)")
     ap.add_argument("--iters", type=int, default=200, help="timed calls per model and thread setting")
     args = ap.parse_args(argv)
     if not Path(args.root).is_dir():
@@ -46,7 +53,9 @@ def main(argv=None) -> int:
 
     run_dir = Path(args.out or f"runs/bench-busi-{time.strftime('%Y%m%d-%H%M%S')}")
     overrides = ["recipe=rsmas_int8", "data=busi", f"data.root={args.root}", f"profile={args.profile}",
-                 "gates.enforce=false", f"out={run_dir}", *args.set]
+                 "gates.enforce=false", f"out={run_dir}", f"seed={args.seed}",
+                 *([f"teacher.checkpoint={args.teacher}"] if args.teacher else []), *args.set]
+    results = Path(args.results or HERE / "results" / ("compress_busi" + (f"_seed{args.seed}" if args.seed else "")))
     load_start = os.getloadavg()[0]
     t0 = time.time()
     compress(compose([f"resume={run_dir}"] if args.resume else overrides))
@@ -68,13 +77,13 @@ def main(argv=None) -> int:
         latency[label] = {n: m["batches"]["1"]["p50_ms"] for n, m in zip(names, res["models"])}
 
     models = {}
-    for n, (stage, _) in names.items():
+    for n, (stage, bench_name) in names.items():
         row, m = rows[stage], rows[stage]["metrics"]
         i, conf = list(m["recall"]).index("malignant"), m["confusion"]
         models[n] = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "malignant_recall": m["recall"]["malignant"],
                      "correct": sum(conf[k][k] for k in range(len(conf))), "malignant_found": conf[i][i],
                      "malignant_n": sum(conf[i]),
-                     "auc": m["auc"], "ece": m["ece"], "bytes": Path(onnx[names[n][1]]).stat().st_size,
+                     "auc": m["auc"], "ece": m["ece"], "bytes": Path(onnx[bench_name]).stat().st_size,
                      "macs": row["macs"], "params": row["params"],
                      "ort_cpu_median_ms": {k: v[n] for k, v in latency.items()}}
     t, s, b = models["teacher fp32"], models["student int8 (rsmas_int8)"], models["teacher int8 (ORT only)"]
@@ -91,9 +100,8 @@ def main(argv=None) -> int:
            "wall_s": wall, "resumed": bool(args.resume), "run_dir": str(run_dir), "models": models, "goals": GOALS,
            "achieved": achieved, "met": verdict, "test_n": rows["teacher"]["metrics"]["n"],
            "load_average": {"start": load_start, "end": os.getloadavg()[0]}}
-    res = Path(args.results)
-    res.parent.mkdir(parents=True, exist_ok=True)
-    res.with_suffix(".json").write_text(json.dumps(out, indent=1))
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.with_suffix(".json").write_text(json.dumps(out, indent=1))
     lines = [f"# rsmas_int8 on BUSI (developer split, test n={out['test_n']})", "",
              f"Run: `{' '.join(overrides)}` — {wall / 60:.1f} min on {os.cpu_count()} CPU cores"
              + (f" for this invocation, which resumed an earlier run (its stages took "
@@ -136,7 +144,7 @@ def main(argv=None) -> int:
               "together with the teacher, batch 1.", "", (run_dir / "ledger.md").read_text().strip(),
               "", "Data: Al-Dhabyani W, Gomaa M, Khaled H, Fahmy A. Dataset of breast ultrasound images. "
               "Data in Brief 28 (2020) 104863."]
-    res.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    results.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
