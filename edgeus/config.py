@@ -94,6 +94,8 @@ class GatesConfig:
     max_ece_rise: float = 0.05
     critical_class: Optional[str] = None   # e.g. malignant or AS: named first in messages
     enforce: bool = True
+    mode: str = "point"                    # point | noninferiority (paired bootstrap interval within the margin)
+    n_boot: int = 2000                     # bootstrap resamples of the paired intervals
 
 
 @dataclass
