@@ -65,6 +65,14 @@ def run_dir(tmp_path_factory):
     return d
 
 
+def _build(onnx_path, overrides, out):
+    """``edgeus.deploy.build`` with the target and build sections of ``compose(overrides)``."""
+    from edgeus.deploy import build
+
+    cfg = compose(list(overrides))
+    return build(onnx_path, cfg.target, cfg.build, out)
+
+
 def _tiny_graph(*, op="Relu", domain="", shape=("batch", 1, 8, 8), opset=17, attrs=None):
     x = helper.make_tensor_value_info("input", TensorProto.FLOAT, list(shape))
     y = helper.make_tensor_value_info("out", TensorProto.FLOAT, list(shape))
@@ -166,7 +174,7 @@ def test_offline_build_writes_trtexec_script_and_manifest(run_dir, tmp_path):
     from edgeus.deploy import build
 
     cfg = compose(["target=jetson_orin_nano"])
-    r = build(run_dir / "student.int8.onnx", cfg, tmp_path / "b")
+    r = build(run_dir / "student.int8.onnx", cfg.target, cfg.build, tmp_path / "b")
     b = tmp_path / "b"
     assert (r["status"] == "engine") == HAVE_TRT
     cmd = r["trtexec"]
@@ -195,26 +203,22 @@ def test_offline_build_writes_trtexec_script_and_manifest(run_dir, tmp_path):
 
 
 def test_build_flags_follow_the_target(run_dir, tmp_path):
-    from edgeus.deploy import build
-
-    xav = build(run_dir / "student.int8.onnx", compose(["target=jetson_xavier_nx"]), tmp_path / "x")["trtexec"]
+    xav = _build(run_dir / "student.int8.onnx", ["target=jetson_xavier_nx"], tmp_path / "x")["trtexec"]
     if not HAVE_TRT:  # TensorRT 8.5: no strong typing, no builder optimisation level, no sparsity on Volta
         assert "--int8" in xav and "--fp16" in xav and "--stronglyTyped" not in xav
         assert "--builderOptimizationLevel" not in xav and "--sparsity" not in xav
-    dla = build(run_dir / "student.int8.onnx", compose(["target=jetson_agx_orin", "build.dla_core=1"]),
-                tmp_path / "d")["trtexec"]
+    dla = _build(run_dir / "student.int8.onnx", ["target=jetson_agx_orin", "build.dla_core=1"],
+                 tmp_path / "d")["trtexec"]
     assert "--useDLACore=1" in dla and "--allowGPUFallback" in dla and "--optShapes=input:4x1x32x32" in dla
     with pytest.raises(EdgeusError, match="DLA"):
-        build(run_dir / "student.int8.onnx", compose(["target=jetson_orin_nano", "build.dla_core=0"]), tmp_path / "n")
+        _build(run_dir / "student.int8.onnx", ["target=jetson_orin_nano", "build.dla_core=0"], tmp_path / "n")
 
 
 def test_build_refuses_an_incompatible_model(tmp_path):
-    from edgeus.deploy import build
-
     bad = tmp_path / "bad.onnx"
     onnx.save(_tiny_graph(shape=("batch", 1, "h", "w")), str(bad))
     with pytest.raises(EdgeusError, match="not ready for TensorRT"):
-        build(bad, compose(["target=desktop_ada"]), tmp_path / "out")
+        _build(bad, ["target=desktop_ada"], tmp_path / "out")
     assert json.loads((tmp_path / "out" / "compat.json").read_text())["ok"] is False
 
 
@@ -316,8 +320,8 @@ def bundle(run_dir, tmp_path):
     from edgeus.deploy import build, package
 
     cfg = compose(["target=jetson_orin_nano", "package.golden=3"])
-    build(run_dir / "student.int8.onnx", cfg, tmp_path / "run_build")
-    return package(run_dir, tmp_path / "fw", cfg, build_dir=tmp_path / "run_build")
+    build(run_dir / "student.int8.onnx", cfg.target, cfg.build, tmp_path / "run_build")
+    return package(run_dir, tmp_path / "fw", cfg.package, target=cfg.target, build_dir=tmp_path / "run_build")
 
 
 def test_package_verify_round_trip(bundle):
@@ -414,7 +418,7 @@ def test_package_needs_artifacts(tmp_path):
 
     (tmp_path / "empty_run").mkdir()
     with pytest.raises(EdgeusError, match="nothing to package"):
-        package(tmp_path / "empty_run", tmp_path / "fw", compose([]))
+        package(tmp_path / "empty_run", tmp_path / "fw", compose([]).package, target=compose([]).target)
 
 
 def test_cli_targets_and_build(run_dir, tmp_path, capsys):
@@ -435,7 +439,7 @@ def test_tensorrt_engine_build_and_run(run_dir, tmp_path):
     from edgeus.deploy.runners import make_runner
 
     cfg = compose(["target=desktop_ampere", "target.sparse_weights=false"])
-    r = build(run_dir / "student.int8.onnx", cfg, tmp_path / "b")
+    r = build(run_dir / "student.int8.onnx", cfg.target, cfg.build, tmp_path / "b")
     assert r["status"] == "engine" and Path(r["engine"]).is_file()
     assert (tmp_path / "b" / "timing.cache").is_file()
     m = json.loads((tmp_path / "b" / "manifest.json").read_text())

@@ -23,4 +23,22 @@ def test_yaml_groups_are_found():
 
 
 def test_edgeus_is_imported_from_where_it_was_installed():
-    import edgeus.deploy.runners  # noqa: F401  (a subpackage a wheel once lacked)
+    """The edgeus that imports is the installed distribution's (not a stray copy on sys.path), and its
+    subpackages (one a wheel once lacked) come from that same tree."""
+    import importlib.metadata as md
+    import json
+    from urllib.parse import unquote, urlparse
+
+    import edgeus
+    import edgeus.deploy.runners
+
+    pkg = Path(edgeus.__file__).resolve().parent
+    assert Path(edgeus.deploy.runners.__file__).resolve().parent == pkg / "deploy" / "runners"
+    dist = md.distribution("edgeus")
+    direct = dist.read_text("direct_url.json")
+    info = json.loads(direct) if direct else {}
+    if info.get("dir_info", {}).get("editable"):   # pip install -e: the source tree it points at
+        src = Path(unquote(urlparse(info["url"]).path)).resolve()
+        assert pkg.is_relative_to(src), f"edgeus imported from {pkg}, installed (editable) from {src}"
+    else:                                           # a wheel: the site-packages copy it installed
+        assert Path(dist.locate_file("edgeus/__init__.py")).resolve() == pkg / "__init__.py"

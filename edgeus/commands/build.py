@@ -26,7 +26,7 @@ def run(cfg, args):
         raise EdgeusError(f"expected one ONNX model, got {len(args)} paths; usage: edgeus build {USAGE}")
     onnx_path = Path(args[0])
     out = Path(cfg.out) if cfg.out else onnx_path.parent / f"build-{cfg.target.name}"
-    r = build(onnx_path, cfg, out)
+    r = build(onnx_path, cfg.target, cfg.build, out)
     c = r["compat"]
     print(f"TensorRT compatibility ({cfg.target.name}): {'ok' if c['ok'] else 'FAILED'}"
           f" ({c['qdq_nodes']} Q/DQ nodes{', Q/DQ rules checked' if c['qdq_checked'] else ''})")

@@ -25,7 +25,14 @@ def run(cfg, args):
     if not out:
         raise EdgeusError("say where the bundle goes: out=<bundle_dir>")
     run_dir = args[0] if args else None
-    path = package(run_dir, out, cfg)
+    data = None
+    if cfg.package.golden_data:   # golden inputs from the test split of cfg.data
+        from edgeus.data import build_datasets
+
+        data = build_datasets(cfg.data)
+    path = package(run_dir, out, cfg.package, target=cfg.target, build_cfg=cfg.build, data=data,
+                   data_preprocessing={k: list(cfg.data[k]) for k in ("mean", "std")}, seed=cfg.seed,
+                   recipe=cfg.recipe.name)
     print(f"wrote bundle {path}/" + (f" and {path}.tar.gz" if cfg.package.tar else ""))
     print(f"check it with: edgeus verify {path}")
     return 0

@@ -1,9 +1,9 @@
 """Deployment: targets, TensorRT builds, benchmarks, firmware bundles and their verification.
 
     from edgeus.deploy import build, bench, package, verify
-    build("student.int8.onnx", cfg, "out/build", meta)   # engine here, or a ready device build
+    build("student.int8.onnx", cfg.target, cfg.build, "out/build", meta)   # engine here, or a device build
     bench(["teacher.onnx", "student.onnx"], cfg)         # latency; ratios in compare mode
-    package("runs/<run>", "firmware/v3", cfg)            # bundle directory + .tar.gz
+    package("runs/<run>", "firmware/v3", cfg.package, target=cfg.target)   # bundle directory + .tar.gz
     verify("firmware/v3.tar.gz")                         # checksums, schema, compatibility, golden outputs
 
 TensorRT and pycuda are imported only inside the TensorRT runner and the engine builder.
@@ -11,10 +11,10 @@ TensorRT and pycuda are imported only inside the TensorRT runner and the engine 
 from __future__ import annotations
 
 
-def build(onnx_path, cfg, out_dir, meta=None):
+def build(onnx_path, target, build_cfg, out_dir, meta=None):
     from edgeus.deploy.builder import build as _build
 
-    return _build(onnx_path, cfg, out_dir, meta)
+    return _build(onnx_path, target, build_cfg, out_dir, meta)
 
 
 def bench(paths, cfg, *, out=None):
@@ -23,10 +23,10 @@ def bench(paths, cfg, *, out=None):
     return _bench(paths, cfg, out=out)
 
 
-def package(run_dir, out, cfg, **kwargs):
+def package(run_dir, out, pcfg, **kwargs):
     from edgeus.deploy.bundle import package as _package
 
-    return _package(run_dir, out, cfg, **kwargs)
+    return _package(run_dir, out, pcfg, **kwargs)
 
 
 def verify(bundle, **kwargs):

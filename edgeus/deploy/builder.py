@@ -23,6 +23,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from edgeus.deploy import manifest as mf
+from edgeus.deploy.config import BuildConfig, section
 from edgeus.deploy.trt_compat import CompatReport, check_onnx, load_model
 from edgeus.deploy.versions import lower_bound, parse_version
 from edgeus.errors import EdgeusError, MissingDependencyError
@@ -68,13 +69,8 @@ def tensorrt_available() -> bool:
     return True
 
 
-def _node(cfg_section) -> Any:
-    return cfg_section if cfg_section is not None else OmegaConf.create({})
-
-
-def resolve_settings(report: CompatReport, cfg, name: str, *, trt_version: str | None = None) -> BuildSettings:
-    """Turn the target (``cfg.target``), the build options (``cfg.build``) and the model into settings."""
-    target, bcfg = cfg.target, cfg.build
+def resolve_settings(report: CompatReport, target, bcfg, name: str, *, trt_version: str | None = None) -> BuildSettings:
+    """Turn the target section, the build section (:class:`BuildConfig`) and the model into settings."""
     if not report.inputs:
         raise EdgeusError("the model has no inputs to build a profile for")
     inp = report.inputs[0]
@@ -218,28 +214,32 @@ def model_meta(model) -> dict:
     return out
 
 
-def build(onnx_path: str | Path, cfg, out_dir: str | Path, meta: dict | None = None) -> dict:
-    """Check, prepare and (with TensorRT) build an engine for ``cfg.target`` into ``out_dir``.
+def build(onnx_path: str | Path, target, build_cfg, out_dir: str | Path, meta: dict | None = None) -> dict:
+    """Check, prepare and (with TensorRT) build an engine for ``target`` into ``out_dir``.
+
+    ``target``: the target section (:class:`TargetConfig`); ``build_cfg``: the build section
+    (:class:`BuildConfig`, None = defaults).
 
     ``meta``: {"name", "classes", "preprocessing", "source": {"recipe", "run"} (or "recipe"/"run" at
     the top level), "metrics"} (optional;
     missing fields are read from the ONNX metadata). Returns a JSON-able report.
     """
+    bcfg = build_cfg if build_cfg is not None else section(BuildConfig)
     onnx_path = Path(onnx_path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(onnx_path)
     meta = {**model_meta(model), **(meta or {})}
     stem = onnx_path.name[:-5] if onnx_path.name.endswith(".onnx") else onnx_path.stem
-    name = cfg.build.name or meta.get("name") or stem
+    name = bcfg.name or meta.get("name") or stem
     if not isinstance(name, str):
         name = stem
 
-    report = check_onnx(model, cfg.target)
+    report = check_onnx(model, target)
     (out / "compat.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    if not report.ok and cfg.build.strict:
+    if not report.ok and bcfg.strict:
         shown = "\n  ".join(report.errors[:8]) + (f"\n  ... {len(report.errors) - 8} more" if len(report.errors) > 8 else "")
-        raise EdgeusError(f"{onnx_path.name} is not ready for TensorRT ({cfg.target.name}); "
+        raise EdgeusError(f"{onnx_path.name} is not ready for TensorRT ({target.name}); "
                           f"see {out / 'compat.json'}:\n  {shown}")
 
     have_trt = tensorrt_available()
@@ -248,7 +248,7 @@ def build(onnx_path: str | Path, cfg, out_dir: str | Path, meta: dict | None = N
         import tensorrt as trt
 
         trt_version = trt.__version__
-    settings = resolve_settings(report, cfg, name, trt_version=trt_version)
+    settings = resolve_settings(report, target, bcfg, name, trt_version=trt_version)
 
     dst_onnx = out / settings.onnx
     if dst_onnx.resolve() != onnx_path.resolve():
@@ -262,7 +262,7 @@ def build(onnx_path: str | Path, cfg, out_dir: str | Path, meta: dict | None = N
     shutil.copyfile(PROBE, out / "device_probe.py")
 
     result: dict[str, Any] = {
-        "stage": "build", "target": cfg.target.name, "onnx": str(dst_onnx), "trtexec": cmd,
+        "stage": "build", "target": target.name, "onnx": str(dst_onnx), "trtexec": cmd,
         "script": str(script), "compat": {"ok": report.ok, "errors": report.errors, "warnings": report.warnings,
                                           "qdq_nodes": report.qdq_nodes, "qdq_checked": report.qdq_checked},
         "settings": asdict(settings), "engine": None, "tensorrt": None,
@@ -277,14 +277,14 @@ def build(onnx_path: str | Path, cfg, out_dir: str | Path, meta: dict | None = N
     else:
         result["status"] = "device-build-required"
         result["message"] = (f"TensorRT is not installed here (it needs an NVIDIA GPU): the engine itself must be "
-                             f"built on the {cfg.target.name} device. Copy {out}/ there and run "
+                             f"built on the {target.name} device. Copy {out}/ there and run "
                              f"`bash build_engine.sh` (or: {cmd})")
 
     m = mf.new_manifest(
         "build",
         model={"name": name, "classes": meta.get("classes"), "preprocessing": meta.get("preprocessing"),
                "inputs": report.inputs, "outputs": report.outputs, "onnx": settings.onnx},
-        target=_target_dict(cfg.target),
+        target=target_dict(target),
         build={"status": result["status"], "settings": asdict(settings), "trtexec": cmd,
                "script": "build_engine.sh", "onnx_sha256": onnx_sha},
         tensorrt=(dict(result["tensorrt"], engine=settings.engine) if result["tensorrt"] else None),
@@ -300,9 +300,12 @@ def _timing_cache_path(out: Path, s: BuildSettings) -> Path:
     return p if p.is_absolute() else out / p
 
 
-def _target_dict(target) -> dict:
-    d = OmegaConf.to_container(target, resolve=True) if OmegaConf.is_config(target) else dict(target)
-    return d
+def target_dict(target) -> dict:
+    from dataclasses import is_dataclass
+
+    if OmegaConf.is_config(target):
+        return OmegaConf.to_container(target, resolve=True)
+    return asdict(target) if is_dataclass(target) else dict(target)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,12 +20,14 @@ import shutil
 import tarfile
 import tempfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgeus.deploy import manifest as mf
+from edgeus.deploy.config import BuildConfig, section
 from edgeus.errors import EdgeusError
 
 log = logging.getLogger(__name__)
@@ -87,12 +89,8 @@ def _run_meta(run_dir: Path | None) -> dict:
     return out
 
 
-def _golden_inputs(cfg, shape: list, n: int, data=None) -> tuple[np.ndarray, str]:
+def _golden_inputs(shape: list, n: int, data, seed) -> tuple[np.ndarray, str]:
     c, h, w = (int(d) for d in shape[1:4])
-    if data is None and cfg.package.golden_data:
-        from edgeus.data import build_datasets
-
-        data = build_datasets(cfg.data)
     if data is not None:
         ds = getattr(data, "test", data)
         k = min(n, len(ds))
@@ -102,22 +100,21 @@ def _golden_inputs(cfg, shape: list, n: int, data=None) -> tuple[np.ndarray, str
                               f"{(c, h, w)}: set data.image_size / data.in_chans to the model's")
         ids = data.ids("test")[:k] if hasattr(data, "ids") else []
         return imgs, f"test split ({k} images{': ' + ', '.join(map(str, ids[:4])) if ids else ''})"
-    rng = np.random.default_rng(int(getattr(cfg, "seed", 0) or 0))
-    return rng.standard_normal((n, c, h, w)).astype(np.float32), f"seeded normal noise (seed {cfg.seed})"
+    rng = np.random.default_rng(int(seed or 0))
+    return rng.standard_normal((n, c, h, w)).astype(np.float32), f"seeded normal noise (seed {seed})"
 
 
-def package(run_dir, out, cfg, *, fp32_onnx=None, int8_onnx=None, build_dir=None, metrics=None,
-            data=None) -> Path:
-    """Write a firmware bundle directory ``out`` (and ``out.tar.gz``) from a run. Returns the directory.
+@dataclass
+class _Artifacts:
+    """What a bundle is made from: the run's files, or the ones named explicitly."""
+    run: Path | None
+    fp32: Path | None
+    int8: Path | None
+    build_dir: Path | None
+    metrics: dict | Path | None
 
-    Artifacts default to ``<run>/student.fp32.onnx``, ``<run>/student.int8.onnx``, ``<run>/build/``
-    and ``<run>/metrics.json``; keyword arguments (or ``cfg.package.*``) name them explicitly.
-    ``data``: a DataBundle whose test images become the golden inputs (default: seeded noise).
-    """
-    from edgeus.deploy.builder import model_meta
-    from edgeus.deploy.trt_compat import load_model, tensor_info
 
-    pcfg = cfg.package
+def _find_artifacts(run_dir, pcfg, fp32_onnx, int8_onnx, build_dir, metrics) -> _Artifacts:
     run = Path(run_dir) if run_dir else None
     if run is not None and not run.is_dir():
         raise EdgeusError(f"run directory not found: {run}")
@@ -129,25 +126,31 @@ def package(run_dir, out, cfg, *, fp32_onnx=None, int8_onnx=None, build_dir=None
         where = f" in {run}" if run else ""
         raise EdgeusError(f"nothing to package: no {RUN_NAMES['int8_onnx']} or {RUN_NAMES['fp32_onnx']}{where} "
                           "(name them with package.int8_onnx= / package.fp32_onnx=)")
+    return _Artifacts(run, fp32, int8, bdir, mpath)
 
-    out = Path(out)
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()):
-        if not pcfg.overwrite:
+        if not overwrite:
             raise EdgeusError(f"{out} exists and is not empty; choose another out= or set package.overwrite=true")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "model").mkdir()
     (out / "golden").mkdir()
 
-    # model metadata: ONNX metadata first, then the run's config
-    primary = int8 or fp32
+
+def _describe_model(primary: Path, runm: dict, data_preprocessing: dict | None):
+    """(metadata, inputs, outputs, preprocessing, classes) of the model: its ONNX metadata first,
+    then the run's config, then ``data_preprocessing`` (the caller's data section: mean, std)."""
+    from edgeus.deploy.builder import model_meta
+    from edgeus.deploy.trt_compat import load_model, tensor_info
+
     pmodel = load_model(primary)
     meta = model_meta(pmodel)
-    runm = _run_meta(run)
     inputs, outputs = tensor_info(pmodel)
     prep = meta.get("preprocessing") or {}
     if not prep:
-        d = runm.get("data") or {k: cfg.data[k] for k in ("mean", "std")}
+        d = runm.get("data") or {k: (data_preprocessing or {}).get(k) for k in ("mean", "std")}
         shp = inputs[0]["shape"] if inputs else []
         prep = {"image_size": shp[2] if len(shp) > 2 else d.get("image_size"),
                 "in_chans": shp[1] if len(shp) > 1 else d.get("in_chans"),
@@ -159,37 +162,40 @@ def package(run_dir, out, cfg, *, fp32_onnx=None, int8_onnx=None, build_dir=None
         k = outputs[0]["shape"][-1] if outputs and outputs[0]["shape"] else 0
         classes = [str(i) for i in range(int(k) if isinstance(k, int) else 0)]
         log.warning("no class names in the ONNX metadata or the run config; labels.json lists indices")
+    return meta, inputs, outputs, prep, classes
 
+
+def _copy_models(out: Path, a: _Artifacts) -> dict[str, Path]:
     models: dict[str, Path] = {}
-    if int8:
-        shutil.copyfile(int8, out / "model" / "model.int8.onnx")
+    if a.int8:
+        shutil.copyfile(a.int8, out / "model" / "model.int8.onnx")
         models["int8"] = out / "model" / "model.int8.onnx"
-    if fp32:
-        shutil.copyfile(fp32, out / "model" / "model.fp32.onnx")
+    if a.fp32:
+        shutil.copyfile(a.fp32, out / "model" / "model.fp32.onnx")
         models["fp32"] = out / "model" / "model.fp32.onnx"
+    return models
 
-    # build: copy the run's, or prepare one for a TensorRT target
-    tensorrt = None
-    build_info: dict[str, Any] | None = None
-    if bdir is not None:
-        shutil.copytree(bdir, out / "build")
-    elif pcfg.build and cfg.target.backend == "tensorrt" and int8 is not None:
+
+def _bundle_build(out: Path, a: _Artifacts, pcfg, target, build_cfg, meta: dict) -> tuple[dict | None, dict | None]:
+    """Copy the run's build directory, or prepare one for a TensorRT target; (tensorrt, build) sections."""
+    if a.build_dir is not None:
+        shutil.copytree(a.build_dir, out / "build")
+    elif pcfg.build and target.backend == "tensorrt" and a.int8 is not None:
         from edgeus.deploy.builder import build as _build
 
-        cfg_nb = cfg.copy()
-        cfg_nb.build.strict = False
-        cfg_nb.build.name = "model"
-        _build(out / "model" / "model.int8.onnx", cfg_nb, out / "build",
-               {"classes": classes, "preprocessing": prep, "source": runm})
+        bcfg = section(BuildConfig, build_cfg, strict=False, name="model")
+        _build(out / "model" / "model.int8.onnx", target, bcfg, out / "build", meta)
+    tensorrt = build_info = None
     if (out / "build" / mf.MANIFEST).is_file():
         bm = json.loads((out / "build" / mf.MANIFEST).read_text())
         build_info = bm.get("build")
         if bm.get("tensorrt") and bm["tensorrt"].get("engine"):
             tensorrt = dict(bm["tensorrt"], engine=f"build/{bm['tensorrt']['engine']}")
+    return tensorrt, build_info
 
-    # golden inputs and expected outputs (ONNX Runtime, CPU)
-    shape = inputs[0]["shape"]
-    x, source = _golden_inputs(cfg, shape, int(pcfg.golden), data)
+
+def _write_golden(out: Path, x: np.ndarray, models: dict[str, Path], tensorrt: dict | None, pcfg) -> list[dict]:
+    """golden/inputs.npy and the expected outputs of every model on them (ONNX Runtime, CPU)."""
     np.save(out / "golden" / "inputs.npy", x, allow_pickle=False)
     golden_outputs = []
     for prec, path in models.items():
@@ -203,18 +209,25 @@ def package(run_dir, out, cfg, *, fp32_onnx=None, int8_onnx=None, build_dir=None
         golden_outputs.append({"model": tensorrt["engine"], "expected": "golden/expected.int8.npy",
                                "precision": "int8", "atol": float(pcfg.int8_atol), "compare": "softmax",
                                "producer": "onnxruntime CPUExecutionProvider"})
+    return golden_outputs
 
+
+def _read_metrics(mpath) -> dict:
+    if isinstance(mpath, dict):
+        return mpath
+    if mpath is None:
+        return {}
+    try:
+        return json.loads(Path(mpath).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EdgeusError(f"{mpath}: not readable JSON metrics ({e})") from None
+
+
+def _write_side_files(out: Path, classes: list, prep: dict, metrics_data: dict, run: Path | None) -> None:
+    """labels.json, preprocessing.json, metrics.json and the run's config and ledger (source/)."""
     (out / "labels.json").write_text(json.dumps({"classes": list(classes),
                                                  "index": {str(i): c for i, c in enumerate(classes)}}, indent=2) + "\n")
     (out / "preprocessing.json").write_text(json.dumps(prep, indent=2) + "\n")
-    metrics_data: dict = {}
-    if isinstance(mpath, dict):
-        metrics_data = mpath
-    elif mpath is not None:
-        try:
-            metrics_data = json.loads(Path(mpath).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise EdgeusError(f"{mpath}: not readable JSON metrics ({e})") from None
     (out / "metrics.json").write_text(json.dumps(metrics_data, indent=2, default=str) + "\n")
     if run is not None:
         for name in ("config.yaml", "ledger.json"):
@@ -222,7 +235,36 @@ def package(run_dir, out, cfg, *, fp32_onnx=None, int8_onnx=None, build_dir=None
                 (out / "source").mkdir(exist_ok=True)
                 shutil.copyfile(run / name, out / "source" / name)
 
-    from omegaconf import OmegaConf
+
+def package(run_dir, out, pcfg, *, target, build_cfg=None, data=None, data_preprocessing: dict | None = None,
+            seed: int | None = 0, recipe: str | None = None, overwrite: bool | None = None,
+            fp32_onnx=None, int8_onnx=None, build_dir=None, metrics=None) -> Path:
+    """Write a firmware bundle directory ``out`` (and ``out.tar.gz``) from a run. Returns the directory.
+
+    ``pcfg``: the ``package`` section (:class:`PackageConfig`); ``target``: the target section;
+    ``build_cfg``: the ``build`` section used when the bundle prepares the device build itself.
+    Artifacts default to ``<run>/student.fp32.onnx``, ``<run>/student.int8.onnx``, ``<run>/build/``
+    and ``<run>/metrics.json``; keyword arguments (or ``pcfg.*``) name them explicitly.
+    ``data``: a DataBundle whose test images become the golden inputs (default: noise seeded by ``seed``).
+    ``data_preprocessing``: mean/std to record when neither the ONNX nor the run's config has them.
+    ``recipe``: the recipe name recorded when the run's config has none. ``overwrite``: overrides
+    ``pcfg.overwrite``.
+    """
+    from edgeus.deploy.builder import target_dict
+
+    a = _find_artifacts(run_dir, pcfg, fp32_onnx, int8_onnx, build_dir, metrics)
+    out = Path(out)
+    _prepare_out(out, bool(pcfg.overwrite if overwrite is None else overwrite))
+
+    runm = _run_meta(a.run)
+    meta, inputs, outputs, prep, classes = _describe_model(a.int8 or a.fp32, runm, data_preprocessing)
+    models = _copy_models(out, a)
+    tensorrt, build_info = _bundle_build(out, a, pcfg, target, build_cfg,
+                                         {"classes": classes, "preprocessing": prep, "source": runm})
+    x, source = _golden_inputs(inputs[0]["shape"], int(pcfg.golden), data, seed)
+    golden_outputs = _write_golden(out, x, models, tensorrt, pcfg)
+    metrics_data = _read_metrics(a.metrics)
+    _write_side_files(out, classes, prep, metrics_data, a.run)
 
     man = mf.new_manifest(
         "bundle",
@@ -232,10 +274,10 @@ def package(run_dir, out, cfg, *, fp32_onnx=None, int8_onnx=None, build_dir=None
         runtime_order=([tensorrt["engine"]] if tensorrt else []) + [f"model/{p.name}" for p in models.values()],
         tensorrt=tensorrt,
         build=build_info,
-        target=OmegaConf.to_container(cfg.target, resolve=True),
+        target=target_dict(target),
         golden={"inputs": "golden/inputs.npy", "source": source, "outputs": golden_outputs},
-        source={"recipe": runm.get("recipe") or (cfg.recipe.name if cfg.recipe.name != "custom" else None),
-                "run": str(run) if run else None},
+        source={"recipe": runm.get("recipe") or (recipe if recipe != "custom" else None),
+                "run": str(a.run) if a.run else None},
         metrics=metrics_data,
     )
     mf.write_manifest(out, man)

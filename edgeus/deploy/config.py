@@ -80,3 +80,16 @@ class PackageConfig:
     atol: float = 1e-3                    # golden tolerance, FP32 ONNX (softmax probabilities)
     int8_atol: float = 5e-2               # golden tolerance, INT8 ONNX and engines (softmax probabilities)
     tar: bool = True                      # also write <out>.tar.gz
+
+
+def section(cls, value=None, **overrides):
+    """A new typed config node of ``cls`` from ``value`` (a section of a composed config, a dict, an
+    instance of ``cls`` or None = defaults) with ``overrides`` applied; ``value`` is never modified."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.structured(cls)
+    if value is not None:
+        node = OmegaConf.merge(node, value)
+    if overrides:
+        node = OmegaConf.merge(node, overrides)
+    return node

@@ -126,7 +126,7 @@ def stage_build(ctx, out: Path) -> dict:
                 f"{ctx.cfg.target.backend}; there is no engine to build (the bundle carries the ONNX)"}
     meta = {"classes": ctx.bundle.classes, "preprocessing": ctx.bundle.preprocessing,
             "recipe": ctx.cfg.recipe.name, "run": str(ctx.run_dir)}
-    report = build(onnx_path, ctx.cfg, out, meta)
+    report = build(onnx_path, ctx.cfg.target, ctx.cfg.build, out, meta)
     ctx.artifacts["build_dir"] = str(out)
     return report
 
@@ -154,13 +154,15 @@ def stage_bench(ctx, out: Path) -> dict:
 def stage_package(ctx, out: Path) -> dict:
     from edgeus.deploy import package, verify
 
-    bundle_dir = Path(ctx.cfg.package.out) if ctx.cfg.package.out else out / "bundle"
-    pcfg = copy.deepcopy(ctx.cfg)
-    pcfg.package.overwrite = True     # a re-run of this stage replaces its own bundle
+    cfg = ctx.cfg
+    bundle_dir = Path(cfg.package.out) if cfg.package.out else out / "bundle"
     metrics = {"student": ctx.state_metrics("final"), "teacher": ctx.state_metrics("teacher")}
-    path = package(ctx.run_dir, bundle_dir, pcfg, fp32_onnx=ctx.artifacts.get("fp32_onnx"),
-                   int8_onnx=ctx.artifacts.get("int8_onnx"), build_dir=ctx.artifacts.get("build_dir"),
-                   metrics=metrics)
+    path = package(ctx.run_dir, bundle_dir, cfg.package, target=cfg.target, build_cfg=cfg.build,
+                   data=ctx.bundle if cfg.package.golden_data else None,
+                   data_preprocessing={k: list(cfg.data[k]) for k in ("mean", "std")}, seed=cfg.seed,
+                   recipe=cfg.recipe.name, overwrite=True,   # a re-run of this stage replaces its own bundle
+                   fp32_onnx=ctx.artifacts.get("fp32_onnx"), int8_onnx=ctx.artifacts.get("int8_onnx"),
+                   build_dir=ctx.artifacts.get("build_dir"), metrics=metrics)
     ctx.artifacts["bundle"] = str(path)
     check = verify(path)
     ok = check.get("ok", True) if isinstance(check, dict) else bool(check)
