@@ -7,12 +7,16 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import make_cfg
 from edgeus.config import compose
 from edgeus.errors import EdgeusError
-from edgeus.quantize import check_tensorrt_qdq, export_onnx, quantize_onnx
+from edgeus.onnx.export import export_onnx as _export_onnx
+from edgeus.onnx.export import parity_sample, target_opset
+from edgeus.onnx.session import run_logits
+from edgeus.quantize import QATSetup, QDQLayout, check_tensorrt_qdq, inputs_from_bundle, quantize_onnx
 from edgeus.quantize import calibration as C
 from edgeus.quantize import qdq
-from edgeus.quantize.fallback import Quantiser, run_logits
+from edgeus.quantize.fallback import Quantiser
 
 # INT8 must agree with FP32 on at least this fraction of the phantom's validation images
 MIN_TOP1_AGREEMENT = 0.9
@@ -20,8 +24,26 @@ TRT = "jetson_orin_nano"
 
 
 def _cfg(*extra):
-    return compose(["data.n_per_class=30", "data.image_size=32", "data.augment=false", "data.batch_size=16",
-                    "quantize.num_images=48", *extra])
+    return make_cfg("data.n_per_class=30", "data.image_size=32", "data.augment=false", "data.batch_size=16",
+                    "quantize.num_images=48", *extra, tiny=False)
+
+
+def export_onnx(model, path, cfg, bundle):
+    sample, source = parity_sample(bundle.val, int(cfg.export.parity_samples))
+    return _export_onnx(model, path, cfg.export, preprocessing=dict(bundle.preprocessing), classes=list(bundle.classes),
+                        sample=sample, sample_source=source, target_opset=target_opset(cfg.target), seed=int(cfg.seed))
+
+
+def quantize(src, out, cfg, bundle, model=None, **kw):
+    """quantize_onnx as the pipeline composes it: its section, the target's layout, data and QAT injected."""
+    qat = None
+    if model is not None:
+        from edgeus.finetune import make_finetuner
+
+        qat = QATSetup(model, finetune=lambda fp32: make_finetuner(cfg, bundle, teacher=fp32),
+                       export=lambda m, p: export_onnx(m, p, cfg, bundle))
+    return quantize_onnx(src, out, cfg.quantize, layout=QDQLayout.from_target(cfg.target), target=cfg.target.name,
+                         **inputs_from_bundle(bundle, cfg.quantize), qat=qat, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +66,7 @@ def trained(tmp_path_factory):
             opt.step()
     model.eval()
     d = tmp_path_factory.mktemp("q")
-    export_onnx(model, d / "fp32.onnx", cfg, bundle=bundle)
+    export_onnx(model, d / "fp32.onnx", cfg, bundle)
     return model, bundle, d
 
 
@@ -134,7 +156,7 @@ def ptq(trained):
     out = {}
     for name, target in (("cpu", "cpu"), ("trt", TRT)):
         cfg = _cfg(f"target={target}")
-        out[name] = quantize_onnx(d / "fp32.onnx", d / f"{name}.int8.onnx", cfg, bundle)
+        out[name] = quantize(d / "fp32.onnx", d / f"{name}.int8.onnx", cfg, bundle)
     return out
 
 
@@ -181,10 +203,10 @@ def test_residual_add_inputs_are_quantised_for_tensorrt(tmp_path):
 
     from edgeus.data import build_datasets
 
-    cfg = compose(["data.n_per_class=6", "data.image_size=16", f"target={TRT}", "quantize.num_images=9"])
+    cfg = make_cfg("data.n_per_class=6", "data.image_size=16", f"target={TRT}", "quantize.num_images=9", tiny=False)
     bundle = build_datasets(cfg.data)
-    export_onnx(Res().eval(), tmp_path / "r.onnx", cfg, bundle=bundle)
-    quantize_onnx(tmp_path / "r.onnx", tmp_path / "r.int8.onnx", cfg, bundle)
+    export_onnx(Res().eval(), tmp_path / "r.onnx", cfg, bundle)
+    quantize(tmp_path / "r.onnx", tmp_path / "r.int8.onnx", cfg, bundle)
     m = onnx.load(str(tmp_path / "r.int8.onnx"))
     producer = {o: n for n in m.graph.node for o in n.output}
     add = next(n for n in m.graph.node if n.op_type == "Add")
@@ -265,7 +287,7 @@ def test_fallback_search_is_recorded_in_the_report(trained, tmp_path):
     _, bundle, d = trained
     # a tolerance no model meets forces the whole search; QAT off
     cfg = _cfg("quantize.max_accuracy_drop=-1.0", "quantize.max_fallback_nodes=2", "quantize.qat=false")
-    r = quantize_onnx(d / "fp32.onnx", tmp_path / "f.int8.onnx", cfg, bundle)
+    r = quantize(d / "fp32.onnx", tmp_path / "f.int8.onnx", cfg, bundle)
     fb = r["fallback"]
     assert len(fb["steps"]) == 2 and fb["candidates"] >= 9
     sens = [row["sensitivity"] for row in fb["ranking"]]
@@ -281,9 +303,11 @@ def test_fallback_search_is_recorded_in_the_report(trained, tmp_path):
 
 def test_qat_exports_the_ptq_layout(trained, ptq, tmp_path):
     model, bundle, d = trained
-    cfg = _cfg(f"target={TRT}", "quantize.qat=true", "quantize.qat_epochs=1", "quantize.qat_max_steps_per_epoch=3")
-    r = quantize_onnx(d / "fp32.onnx", tmp_path / "qat.int8.onnx", cfg, bundle, model=model)
+    cfg = _cfg(f"target={TRT}", "quantize.qat=true", "quantize.qat_epochs=1", "train.max_steps_per_epoch=3")
+    r = quantize(d / "fp32.onnx", tmp_path / "qat.int8.onnx", cfg, bundle, model=model)
     assert r["method"] == "qat" and r["qat"]["ranges_applied"] == r["qat"]["fake_quant_layers"] > 0
+    assert r["qat"]["ranges_unmatched"] == [] and r["qat"]["with_teacher"]          # structural match, KD from FP32
+    assert r["qat"]["trainer"].startswith("edgeus.train.fit") and len(r["qat"]["history"]) == 1
     assert check_tensorrt_qdq(tmp_path / "qat.int8.onnx", require_qdq=True) == []
     assert qdq.layout_signature(tmp_path / "qat.int8.onnx") == qdq.layout_signature(d / "trt.int8.onnx")
     x = np.stack([bundle.val[i]["image"].numpy() for i in range(len(bundle.val))])

@@ -25,8 +25,8 @@ USAGE = "<model.onnx> [target=<name>] [quantize.out=...] [quantize.checkpoint=st
 def run(cfg, args):
     from edgeus.data import build_datasets
     from edgeus.errors import EdgeusError
-    from edgeus.quantize.export import read_metadata
-    from edgeus.quantize.ptq import quantize_onnx
+    from edgeus.onnx.metadata import read_metadata
+    from edgeus.quantize import QDQLayout, inputs_from_bundle, quantize_onnx
 
     if len(args) != 1:
         raise EdgeusError(f"edgeus quantize takes one ONNX model, got {len(args)}: {args}")
@@ -48,7 +48,8 @@ def run(cfg, args):
         cfg.data.classes = list(classes)
     bundle = build_datasets(cfg.data)
     out = Path(cfg.quantize.out or cfg.out or src.with_name(src.stem + ".int8.onnx"))
-    r = quantize_onnx(src, out, cfg, bundle, model=model)
+    r = quantize_onnx(src, out, cfg.quantize, layout=QDQLayout.from_target(cfg.target), target=cfg.target.name,
+                      **inputs_from_bundle(bundle, cfg.quantize), qat=_qat_setup(cfg, bundle, model))
     out.with_suffix(".quantize.json").write_text(json.dumps(r, indent=2, default=str))
     f, q = r["metrics"]["fp32"], r["metrics_final"]
     print(f"wrote {out} ({r['layout']['layout']} layout, {r['method']}; {r['bytes']['fp32'] / 1e6:.2f} MB -> "
@@ -65,3 +66,20 @@ def run(cfg, args):
     if r["layout"]["layout"] == "tensorrt":
         print(f"TensorRT Q/DQ check: OK; calibration cache {r['calibration']['tensorrt_cache']}")
     return 0 if r["within_tolerance"] else 1
+
+
+def _qat_setup(cfg, bundle, model):
+    """QAT's injected pieces (fine-tuning through edgeus.train.fit, the run's export) when a checkpoint is given."""
+    if model is None:
+        return None
+    from edgeus.finetune import make_finetuner
+    from edgeus.onnx.export import export_onnx, parity_sample, target_opset
+    from edgeus.quantize import QATSetup
+
+    def export(m, onnx_path):
+        sample, source = parity_sample(bundle.val, int(cfg.export.parity_samples))
+        return export_onnx(m, onnx_path, cfg.export, preprocessing=dict(bundle.preprocessing),
+                           classes=list(bundle.classes), sample=sample, sample_source=source,
+                           target_opset=target_opset(cfg.target), seed=int(cfg.seed))
+
+    return QATSetup(model, finetune=lambda fp32_model: make_finetuner(cfg, bundle, teacher=fp32_model), export=export)

@@ -1,6 +1,8 @@
-"""ONNX export and INT8 quantisation (calibration sets, target-aware Q/DQ, accuracy-aware fallback, QAT).
+"""INT8 quantisation (calibration sets, target-aware Q/DQ, accuracy-aware fallback, QAT).
 
-    from edgeus.quantize import export_onnx, quantize_onnx, check_tensorrt_qdq
+    from edgeus.quantize import quantize_onnx, check_tensorrt_qdq
+
+ONNX export lives in :mod:`edgeus.onnx` (``from edgeus.onnx import export_onnx``).
 
 Imports are lazy: ``edgeus.config`` imports this package for its dataclasses, and onnxruntime /
 onnx load only when a function is used.
@@ -10,13 +12,15 @@ from __future__ import annotations
 import importlib
 
 _API = {
-    "export_onnx": "edgeus.quantize.export",
     "quantize_onnx": "edgeus.quantize.ptq",
     "check_tensorrt_qdq": "edgeus.quantize.checker",
     "QDQLayout": "edgeus.quantize.qdq",
     "load_spec": "edgeus.quantize.calibration",
     "build_calibration_set": "edgeus.quantize.calibration",
     "qat_quantize": "edgeus.quantize.qat",
+    "QATSetup": "edgeus.quantize.qat",
+    "inputs_from_bundle": "edgeus.quantize.ptq",
+    "EvalSet": "edgeus.quantize.evalset",
 }
 __all__ = list(_API)
 

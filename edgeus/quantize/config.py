@@ -36,11 +36,8 @@ class QuantizeConfig:
     sensitivity: str = "single"        # single (quantise one node at a time) | leave_one_out (exclude one at a time)
     max_fallback_nodes: int = 8        # at most this many nodes kept in floating point
     qat: str = "auto"                  # auto (when PTQ + fallback misses the tolerance) | true | false
-    qat_epochs: int = 3
-    qat_lr: float = 1e-4
-    qat_kd_weight: float = 1.0         # weight of the distillation loss from the FP32 teacher
-    qat_kd_temperature: float = 4.0
-    qat_max_steps_per_epoch: Optional[int] = None
+    qat_epochs: int = 3                # QAT trains through edgeus.train.fit with the run's train/distill settings
+    qat_lr: float = 1e-4               # (steps per epoch: train.max_steps_per_epoch; KD loss: distill.losses)
     trt_cache_version: str = "8602"    # header of calibration.cache: TRT-<version>-EntropyCalibration2 (8602 = TensorRT 8.6.2, JetPack 6.0)
     out: Optional[str] = None          # `edgeus quantize`: output file (default <input stem>.int8.onnx)
     checkpoint: Optional[str] = None   # `edgeus quantize`: the torch checkpoint (enables QAT)

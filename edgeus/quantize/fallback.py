@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 
+from edgeus.onnx.session import run_logits
 from edgeus.quantize import qdq
 
 log = logging.getLogger("edgeus.quantize")
@@ -37,16 +38,6 @@ def drift(ref_logits: np.ndarray, logits: np.ndarray) -> float:
     p, q = softmax(ref_logits.astype(np.float64)), softmax(logits.astype(np.float64))
     kl = float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), 1)))
     return kl + float(np.mean(ref_logits.argmax(1) != logits.argmax(1)))
-
-
-def run_logits(path: str | Path, x: np.ndarray, batch: int = 64) -> np.ndarray:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
 
 
 def tolerance_check(fp32: dict, int8: dict, max_accuracy_drop: float, max_recall_drop: float) -> dict:

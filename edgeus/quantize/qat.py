@@ -9,19 +9,25 @@ loss from the FP32 model (the teacher), then exported to the *same* Q/DQ layout 
    ``fake_quantize_per_*_affine``): weights symmetric int8 per output channel (axis 0); inputs per
    tensor, uint8 asymmetric or int8 symmetric as the layout says, ranges tracked by an
    exponential moving average (initialised on the calibration set).
-3. Loss: cross-entropy + ``qat_kd_weight`` * T^2 * KL(teacher/T || student/T) (Hinton KD), or the
-   distiller of ``cfg.distill`` when :func:`edgeus.distill.build_distiller` accepts the pair.
-4. Export: the fine-tuned float model goes through :func:`export_onnx` (parity-checked) and the
+3. Training: :func:`edgeus.train.fit` through the injected fine-tuner (``QATSetup.finetune``, see
+   :func:`edgeus.finetune.make_finetuner`) with the FP32 model as the teacher and the run's
+   distillation settings (``distill.losses``); ``quantize.qat_epochs`` / ``qat_lr`` set its length
+   and rate. A distiller that cannot be built for the fake-quantised student raises.
+4. Export: the fine-tuned float model goes through the injected export (parity-checked) and the
    PTQ quantiser with the same layout; the learned input ranges of each Conv/Gemm override the
-   calibrated ones (``TensorQuantOverrides``, matched by weight), so the output has exactly the
-   PTQ layout (same checker, same node set) with QAT's weights and scales.
+   calibrated ones (``TensorQuantOverrides``, matched by module path), so the output has exactly the
+   PTQ layout (same checker, same node set) with QAT's weights and scales. Ranges are observed in
+   training mode only: the validation passes of ``fit`` never move them.
 """
 from __future__ import annotations
 
 import copy
 import logging
 import time
+import types
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -29,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from edgeus.quantize import qdq
+from edgeus.quantize.prepare import preprocess
 
 log = logging.getLogger("edgeus.quantize")
 
@@ -56,7 +63,7 @@ class FakeQuant(nn.Module):
         return (scale, zp, 0, 255) if self.unsigned else (scale, zp - 128, -128, 127)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observe:
+        if self.observe and self.training:
             with torch.no_grad():
                 lo, hi = x.detach().min(), x.detach().max()
                 if not bool(self.seen):
@@ -104,59 +111,86 @@ def _unwrap(model: nn.Module, wrapped: dict[str, FakeQuant]) -> None:
         setattr(parent, name.rsplit(".", 1)[-1], fq.layer)
 
 
-def _freeze_bn(model: nn.Module) -> None:
+def _freeze_bn(model: nn.Module) -> int:
+    """Keep every BatchNorm in eval mode for good, whatever ``.train()`` the training loop calls."""
+    n = 0
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
+            m.train = types.MethodType(lambda self, mode=True: nn.Module.train(self, False), m)
+            n += 1
+    return n
 
 
-def _kd_loss(student_logits, teacher_logits, labels, weight: float, t: float, class_weights=None):
-    from edgeus.distill.kd import kd_loss
+def module_path(node_name: str) -> str:
+    """The torch module path in a TorchScript-exported ONNX node name.
 
-    ce = F.cross_entropy(student_logits, labels, weight=class_weights)
-    kd = kd_loss(student_logits, teacher_logits, t, None if class_weights is None else class_weights[labels])
-    return ce + weight * kd, {"ce": float(ce), "kd": float(kd)}
+    ``/layer1/layer1.0/conv1/Conv`` -> ``layer1.0.conv1`` (each scope is either the full path so far
+    or one more attribute name); ``/features.3/Conv`` -> ``features.3``.
+    """
+    path = ""
+    for part in node_name.strip("/").split("/")[:-1]:
+        path = part if (not path or part.startswith(path + ".")) else f"{path}.{part}"
+    return path
 
 
-def _weight_key(w: np.ndarray) -> tuple:
-    w = np.asarray(w, np.float32)
-    return (tuple(w.shape), round(float(w.sum()), 3), round(float(np.abs(w).sum()), 3))
+def _overrides(pre_path: Path, wrapped: dict[str, FakeQuant]) -> tuple[dict, list[str]]:
+    """TensorQuantOverrides {input tensor of Conv/Gemm: [{rmin, rmax}]} for the fake-quantised layers.
 
-
-def _overrides(pre_path: Path, wrapped: dict[str, FakeQuant]) -> tuple[dict, int]:
-    """TensorQuantOverrides {input tensor of Conv/Gemm: [{rmin, rmax}]} matched by weight values."""
+    Matched structurally, by the module path: the ONNX weight initializer ``<module path>.weight``
+    (the exporter names parameters by their ``state_dict`` key), else the module path in the node's
+    scope name (:func:`module_path`); a match whose weight shape differs from the layer's is refused.
+    Returns (overrides, module paths matched).
+    """
     import onnx
-    from onnx import numpy_helper
 
     m = onnx.load(str(pre_path))
-    inits = {t.name: t for t in m.graph.initializer}
-    by_key = {}
-    for fq in wrapped.values():
-        w = fq.layer.weight.detach().cpu().numpy()
-        by_key[_weight_key(w)] = (float(fq.lo), float(fq.hi))
-    out = {}
+    shapes = {t.name: tuple(t.dims) for t in m.graph.initializer}
+    out, matched = {}, []
     for n in m.graph.node:
-        if n.op_type in ("Conv", "Gemm") and len(n.input) > 1 and n.input[1] in inits:
-            w = numpy_helper.to_array(inits[n.input[1]])
-            if n.op_type == "Gemm" and not any(a.name == "transB" and a.i for a in n.attribute):
-                w = w.T
-            hit = by_key.get(_weight_key(w))
-            if hit is not None and n.input[0] not in inits:
-                lo, hi = min(hit[0], 0.0), max(hit[1], 0.0)
-                out[n.input[0]] = [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
-    return out, len(out)
+        if n.op_type not in ("Conv", "Gemm") or len(n.input) < 2 or n.input[0] in shapes:
+            continue
+        w = n.input[1]
+        path = w[: -len(".weight")] if w.endswith(".weight") and w[: -len(".weight")] in wrapped else module_path(n.name)
+        fq = wrapped.get(path)
+        if fq is None or path in matched:
+            continue
+        want = tuple(fq.layer.weight.shape)
+        got = shapes.get(w)
+        if n.op_type == "Gemm" and got is not None and not any(a.name == "transB" and a.i for a in n.attribute):
+            got = tuple(reversed(got))
+        if got != want:
+            log.warning("QAT: ONNX node %s (weight %s) names layer %s but its weight is %s, not %s; calibrated range kept",
+                        n.name, w, path, got, want)
+            continue
+        out[n.input[0]] = [{"rmin": np.float32(min(float(fq.lo), 0.0)), "rmax": np.float32(max(float(fq.hi), 0.0))}]
+        matched.append(path)
+    return out, matched
 
 
-def qat_finetune(model: nn.Module, bundle, cfg, layout: qdq.QDQLayout, calib=None, device: str = "cpu"):
-    """Fine-tune a fake-quantised copy of ``model``; returns (float model, wrapped dict, report)."""
-    from torch.utils.data import DataLoader
+@dataclass
+class QATSetup:
+    """What QAT needs from outside the quantize section, injected by the caller.
 
-    qcfg = cfg.quantize
-    teacher = copy.deepcopy(model).eval().to(device)
+    ``model``: the torch model the FP32 ONNX was exported from (left untouched).
+    ``finetune``: ``finetune(teacher) -> ft``, a fine-tuner (:func:`edgeus.finetune.make_finetuner`)
+    whose teacher is the FP32 model; ``ft(student, epochs=, lr=, desc=) -> (student, report)`` trains
+    through :func:`edgeus.train.fit` (with the run's distillation settings).
+    ``export``: ``export(model, path) -> report``, the run's torch -> ONNX export (parity-checked).
+    """
+    model: nn.Module
+    finetune: Callable
+    export: Callable
+    device: str = "cpu"
+
+
+def qat_finetune(setup: QATSetup, qcfg, layout: qdq.QDQLayout, calib=None):
+    """Fine-tune a fake-quantised copy of ``setup.model``; returns (float model, wrapped dict, report)."""
+    teacher = copy.deepcopy(setup.model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    student, folded = _fold_bn(model)
-    student = student.to(device)
+    student, folded = _fold_bn(setup.model)
+    frozen = 0 if folded else _freeze_bn(student)
     wrapped = _wrap(student, layout)
     # initialise the activation ranges on the calibration images (train split)
     if calib is not None:
@@ -164,90 +198,54 @@ def qat_finetune(model: nn.Module, bundle, cfg, layout: qdq.QDQLayout, calib=Non
         with torch.no_grad():
             for fq in wrapped.values():
                 fq.enabled = False
+                fq.train()              # observe (FakeQuant observes in training mode only); BN stays in eval
             for xb in calib.batches():
-                student(torch.from_numpy(xb).to(device))
+                student(torch.from_numpy(xb).to(next(student.parameters()).device))
             for fq in wrapped.values():
                 fq.enabled = True
-    distiller, kd_name = None, "kd(inline)"
-    # the same class weights as every other training step of the run (data.balance=weights)
-    cw = bundle.class_weights() if cfg.data.balance == "weights" else None
-    cw = None if cw is None else torch.as_tensor(cw, dtype=torch.float32, device=device)
-    try:
-        from edgeus.distill import build_distiller
-
-        distiller = build_distiller(student, teacher, cfg.distill, class_weights=cw)
-        probe = next(iter(DataLoader(bundle.train, batch_size=2)))
-        distiller.forward_train({k: (v.to(device) if torch.is_tensor(v) else v) for k, v in probe.items()})
-        kd_name = f"edgeus.distill:{type(distiller).__name__}"
-    except Exception as e:  # not available or not applicable to the wrapped student
-        log.info("QAT: inline KD loss (%s)", str(e).splitlines()[0][:100] if str(e) else type(e).__name__)
-        distiller = None
-    params = [p for p in (distiller.parameters() if distiller is not None else student.parameters()) if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=float(qcfg.qat_lr), weight_decay=0.0)
-    g = torch.Generator().manual_seed(int(getattr(cfg, "seed", 0)))
-    loader = DataLoader(bundle.train, batch_size=int(cfg.data.batch_size), shuffle=True, generator=g,
-                        drop_last=len(bundle.train) > int(cfg.data.batch_size))
-    history, t0 = [], time.perf_counter()
-    max_steps = qcfg.qat_max_steps_per_epoch
-    for epoch in range(int(qcfg.qat_epochs)):
-        if hasattr(bundle.train, "set_epoch"):
-            bundle.train.set_epoch(epoch)
-        (distiller or student).train()
-        _freeze_bn(student)
-        teacher.eval()
-        tot, n = 0.0, 0
-        for step, batch in enumerate(loader):
-            if max_steps and step >= int(max_steps):
-                break
-            batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            if distiller is not None:
-                _, losses = distiller.forward_train(batch)
-                loss = sum(losses.values())
-            else:
-                with torch.no_grad():
-                    t_logits = teacher(batch["image"])
-                loss, _ = _kd_loss(student(batch["image"]), t_logits, batch["label"], float(qcfg.qat_kd_weight),
-                                   float(qcfg.qat_kd_temperature), cw)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tot, n = tot + loss.item(), n + 1
-        history.append({"epoch": epoch + 1, "loss": tot / max(n, 1), "steps": n})
-        log.info("QAT epoch %d: loss %.4f", epoch + 1, tot / max(n, 1))
+                fq.eval()
+    t0 = time.perf_counter()
+    ft = setup.finetune(teacher)
+    student, ft_report = ft(student, epochs=int(qcfg.qat_epochs), lr=float(qcfg.qat_lr), desc="qat")
     student.eval()
-    report = {"epochs": int(qcfg.qat_epochs), "history": history, "bn_folded": folded, "loss": kd_name,
-              "fake_quant_layers": len(wrapped), "seconds": round(time.perf_counter() - t0, 2)}
+    report = {"epochs": int(qcfg.qat_epochs), "lr": float(qcfg.qat_lr), "trainer": "edgeus.train.fit via finetune",
+              "with_teacher": ft_report.get("with_teacher"), "best_epoch": ft_report.get("best_epoch"),
+              "history": [{k: r[k] for k in ("epoch", "loss", "train_acc") if k in r}
+                          | ({"val_accuracy": r["val"]["accuracy"]} if "val" in r else {})
+                          for r in ft_report.get("history", [])],
+              "bn_folded": folded, "bn_frozen": frozen, "fake_quant_layers": len(wrapped),
+              "seconds": round(time.perf_counter() - t0, 2)}
     return student, wrapped, report
 
 
-def qat_quantize(model: nn.Module, out_path, cfg, bundle, layout: qdq.QDQLayout, calib, spec, work: Path,
-                 device: str = "cpu") -> dict:
+def qat_quantize(setup: QATSetup, out_path, qcfg, layout: qdq.QDQLayout, calib, work: Path) -> dict:
     """QAT, then export to ONNX and quantise with the PTQ layout and the learned ranges."""
     from edgeus.quantize import calibration as calib_mod
-    from edgeus.quantize.export import export_onnx
     from edgeus.quantize.fallback import Quantiser
-    from edgeus.quantize.ptq import preprocess
 
     work = Path(work)
-    student, wrapped, report = qat_finetune(model, bundle, cfg, layout, calib, device)
+    student, wrapped, report = qat_finetune(setup, qcfg, layout, calib)
     for fq in wrapped.values():
         fq.observe = False
-    learned = {n: (float(fq.lo), float(fq.hi)) for n, fq in wrapped.items()}
     _unwrap(student, wrapped)
     student = student.cpu().eval()
     fp32 = work / "qat.fp32.onnx"
-    exp = export_onnx(student, fp32, cfg, bundle=bundle)
+    exp = setup.export(student, fp32)
     pre = preprocess(fp32, work / "qat.fp32.pre.onnx")
     ranges_json = work / "qat.ranges.json"
-    symmetric = layout.activation_symmetric and spec.method != "minmax"
+    symmetric = layout.activation_symmetric and calib.spec.method != "minmax"
     calib_mod.compute_ranges(pre, calib, ranges_json, symmetric=symmetric)
-    overrides, mapped = _overrides(pre, wrapped)
-    Quantiser(pre, layout, ranges_json, spec.method, overrides or None)(out_path)
-    report.update({"path": str(out_path), "fp32_export": {"path": str(fp32), "parity": exp["parity"]},
-                   "learned_ranges": len(learned), "ranges_applied": mapped,
+    overrides, matched = _overrides(pre, wrapped)
+    unmatched = sorted(set(wrapped) - set(matched))
+    if unmatched:
+        log.warning("QAT: %d fake-quantised layer(s) not found in the exported ONNX (calibrated ranges kept): %s",
+                    len(unmatched), ", ".join(unmatched[:5]))
+    Quantiser(pre, layout, ranges_json, calib.spec.method, overrides or None)(out_path)
+    report.update({"path": str(out_path), "fp32_export": {"path": str(fp32), "parity": exp.get("parity")},
+                   "learned_ranges": len(wrapped), "ranges_applied": len(matched), "ranges_unmatched": unmatched,
                    "note": "the fine-tuned float model is exported; learned input ranges of Conv/Gemm override "
-                           "the calibrated ones; the Q/DQ layout is the PTQ layout of the target"})
+                           "the calibrated ones (matched by module path); the Q/DQ layout is the PTQ layout of the target"})
     return report
 
 
-__all__ = ["FakeQuant", "qat_finetune", "qat_quantize"]
+__all__ = ["FakeQuant", "QATSetup", "qat_finetune", "qat_quantize", "module_path"]
