@@ -1,6 +1,6 @@
 """``compress``: run a recipe's stages in order over one run directory.
 
-    runs/<recipe>-<time>/
+    runs/<recipe>-<time>-<suffix>/
         config.yaml            the resolved configuration
         state.json             finished stages, their artifacts and ledger rows (for resume)
         ledger.json, ledger.md one row per stage: params, MACs, bytes, latency, clinical metrics, time
@@ -10,6 +10,9 @@
 Every file is written under a temporary name and renamed, so a run killed at any moment can be
 resumed with ``resume=<run dir>``: finished stages are not redone, an interrupted stage restarts
 (training inside it continues from its last epoch).
+
+The runner knows no stage by name: each stage returns a :class:`~edgeus.pipeline.stages.StageResult`
+and its kind (torch model, ONNX file, deploy step, skipped) decides the ledger row.
 """
 from __future__ import annotations
 
@@ -19,17 +22,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch.nn as nn
-from omegaconf import OmegaConf
-
-from edgeus import config as C
 from edgeus.errors import EdgeusError, GateError
 from edgeus.pipeline import gates as G
 from edgeus.pipeline.ledger import markdown, write_json
-from edgeus.pipeline.stages import ORDER, STAGES, TORCH_STAGES
+from edgeus.pipeline.stages import ORDER, STAGES, StageResult
 
 log = logging.getLogger("edgeus.compress")
-GATED = ("prune", "distill", "decompose", "quantize")
 
 
 @dataclass
@@ -39,12 +37,10 @@ class Context:
     bundle: object
     device: str
     state: dict
-    teacher: nn.Module | None = None
-    model: nn.Module | None = None
+    teacher: object = None
+    model: object = None
     artifacts: dict = field(default_factory=dict)
-
-    def set_model(self, model: nn.Module) -> None:
-        self.model = model
+    _eval_loader: object = None
 
     def need(self, key: str, stage: str) -> str:
         if not self.artifacts.get(key):
@@ -52,16 +48,29 @@ class Context:
                               f"(stages=[...] or resume=<run>)")
         return self.artifacts[key]
 
-    def teacher_onnx(self) -> str:
-        return self.need("teacher_onnx", "teacher")
+    def eval_loader(self):
+        """The test split's loader, built once per run (building a loader draws no random numbers;
+        each pass over it draws one, as before)."""
+        if self._eval_loader is None:
+            from edgeus.data import build_loaders
+
+            self._eval_loader = build_loaders(self.bundle, self.cfg.data)["test"]
+        return self._eval_loader
+
+    def train_loaders(self) -> dict:
+        """Fresh loaders for a training stage: the train loader's shuffling generator is seeded when it
+        is built, so each stage gets its own (sharing one would change every later stage's order)."""
+        from edgeus.data import build_loaders
+
+        return build_loaders(self.bundle, self.cfg.data)
 
     def state_metrics(self, which: str) -> dict:
         rows = [r for r in self.state["rows"] if r.get("metrics")]
         if not rows:
             return {}
         if which == "teacher":
-            return next((r["metrics"] for r in rows if r["stage"] == "teacher"), {})
-        return [r for r in rows if not r["stage"].startswith("baseline")][-1]["metrics"]
+            return next((r["metrics"] for r in rows if r["stage"] == self.state.get("teacher_stage")), {})
+        return [r for r in rows if not r.get("of")][-1]["metrics"]
 
 
 def _stage_dir(run_dir: Path, stages: list[str], name: str) -> Path:
@@ -74,79 +83,59 @@ def _file_bytes(path) -> int | None:
 
 
 def _metrics(model_or_onnx, ctx) -> dict:
-    from edgeus.data import build_loaders
     from edgeus.evaluate import evaluate_model
 
-    loader = build_loaders(ctx.bundle, ctx.cfg.data)["test"]
-    m = evaluate_model(model_or_onnx, loader, ctx.bundle.classes, ctx.device if isinstance(model_or_onnx, nn.Module) else "cpu")
+    torch_model = not isinstance(model_or_onnx, (str, Path))
+    m = evaluate_model(model_or_onnx, ctx.eval_loader(), ctx.bundle.classes, ctx.device if torch_model else "cpu")
     return {k: m[k] for k in ("accuracy", "macro_f1", "recall", "auc", "ece", "confusion", "n")}
 
 
-def measure_latency(cfg, models: dict[str, str], iters: int, warmup: int, batch_sizes=(1,), out=None) -> dict:
-    """ONNX Runtime CPU latency of ``models`` ({label: onnx path}) with ``edgeus.deploy.bench``:
-    interleaved in one process, the first model the baseline. Returns {batch: {label: stats}}, each
-    stats dict with median_ms, p90_ms, speedup (first model's median / this one's) and bytes."""
-    import copy
-
-    from edgeus.deploy import bench
-
-    bcfg = copy.deepcopy(cfg)
-    bcfg.bench.backend, bcfg.bench.device, bcfg.bench.providers = "onnxruntime", "cpu", None
-    bcfg.bench.iters, bcfg.bench.warmup = int(iters), int(warmup)
-    bcfg.bench.batch_sizes = [int(b) for b in batch_sizes]
-    bcfg.bench.threads = cfg.compress.latency_threads
-    bcfg.bench.compare = len(models) > 1
-    res = bench(list(models.values()), bcfg, out=out)
-    labels = list(models)
-    table: dict = {}
-    for label, m in zip(labels, res["models"]):
-        for b, st in m["batches"].items():
-            base = res["models"][0]["batches"][b]["p50_ms"]
-            table.setdefault(f"batch {b}", {})[label] = {
-                "median_ms": st["p50_ms"], "p90_ms": st["p90_ms"], "p99_ms": st["p99_ms"],
-                "speedup": base / st["p50_ms"], "bytes": Path(models[label]).stat().st_size}
-    return table
-
-
 def _latency(ctx, onnx_path) -> tuple[float | None, float | None]:
+    from edgeus.pipeline.latency import measure_latency
+
     teacher = ctx.artifacts.get("teacher_onnx")
     models = {"teacher": teacher, "model": str(onnx_path)} if teacher and teacher != str(onnx_path) else \
         {"model": str(onnx_path)}
     c = ctx.cfg.compress
-    lat = measure_latency(ctx.cfg, models, c.latency_iters, c.latency_warmup)["batch 1"]["model"]
+    lat = measure_latency(ctx.cfg, models, c.latency_iters, c.latency_warmup, threads=c.latency_threads)
+    lat = lat["batch 1"]["model"]
     return lat["median_ms"], lat["speedup"]
 
 
-def _torch_row(ctx, name: str, out: Path, wall: float) -> dict:
+def _rel(ctx, path) -> str | None:
+    """A path inside the run directory as relative to it (a copied run directory still works)."""
+    if not path:
+        return path
+    p = Path(path)
+    try:
+        return p.absolute().relative_to(ctx.run_dir).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _torch_row(ctx, name: str, res: StageResult, wall: float) -> dict:
     from edgeus.models.profile import count_macs, count_params
-    from edgeus.quantize import export_onnx
-    from edgeus.train.checkpoint import save_checkpoint
 
     pre = ctx.bundle.preprocessing
-    ckpt = out / "model.pt"
-    if name != "teacher" or not ckpt.is_file():
-        save_checkpoint(ckpt, ctx.model, classes=ctx.bundle.classes, preprocessing=pre, config=C.to_yaml(ctx.cfg),
-                        extra={"stage": name, "recipe": ctx.cfg.recipe.name})
-    onnx_path = out / "model.onnx"
-    exp = export_onnx(ctx.model, onnx_path, ctx.cfg, bundle=ctx.bundle)
-    if name == "teacher":
-        ctx.artifacts["teacher_onnx"] = str(onnx_path)
-    ms, speed = _latency(ctx, onnx_path)
-    return {"stage": name, "kind": "torch", "artifact": str(ckpt), "onnx": str(onnx_path),
-            "params": count_params(ctx.model), "macs": count_macs(ctx.model, pre["image_size"], pre["in_chans"]),
-            "bytes": _file_bytes(onnx_path), "checkpoint_bytes": _file_bytes(ckpt), "latency_ms": ms, "speedup": speed,
-            "metrics": _metrics(ctx.model, ctx), "wall_s": wall, "export": _brief_export(exp)}
+    ms, speed = _latency(ctx, res.onnx)
+    return {"stage": name, "kind": "torch", "artifact": _rel(ctx, res.checkpoint), "onnx": _rel(ctx, res.onnx),
+            "params": count_params(res.model), "macs": count_macs(res.model, pre["image_size"], pre["in_chans"]),
+            "bytes": _file_bytes(res.onnx), "checkpoint_bytes": _file_bytes(res.checkpoint), "latency_ms": ms,
+            "speedup": speed, "metrics": _metrics(res.model, ctx), "wall_s": wall, "export": _brief_export(res.export)}
 
 
-def _brief_export(exp: dict) -> dict:
+def _brief_export(exp: dict | None) -> dict:
     return {k: exp[k] for k in ("max_abs_diff", "top1_agreement", "opset", "exporter") if isinstance(exp, dict) and k in exp}
 
 
-def _onnx_row(ctx, name: str, path: str, wall: float, like: dict | None) -> dict:
+def _onnx_row(ctx, name: str, path: str, wall: float, like: dict | None, of: str | None = None) -> dict:
     ms, speed = _latency(ctx, path)
-    return {"stage": name, "kind": "onnx", "artifact": str(path), "params": (like or {}).get("params"),
-            "macs": (like or {}).get("macs"), "bytes": _file_bytes(path), "latency_ms": ms, "speedup": speed,
-            "metrics": _metrics(str(path), ctx), "wall_s": wall}
+    row = {"stage": name, "kind": "onnx", "artifact": _rel(ctx, path), "params": (like or {}).get("params"),
+           "macs": (like or {}).get("macs"), "bytes": _file_bytes(path), "latency_ms": ms, "speedup": speed,
+           "metrics": _metrics(str(path), ctx), "wall_s": wall}
+    if of:
+        row["of"] = of          # a baseline row measured by stage ``of``
+    return row
 
 
 def _last_torch_row(state) -> dict | None:
@@ -154,8 +143,26 @@ def _last_torch_row(state) -> dict | None:
     return rows[-1] if rows else None
 
 
+def _rows(ctx, name: str, res: StageResult, out: Path, wall: float) -> list[dict]:
+    """The ledger rows of one stage's result, by its kind."""
+    state = ctx.state
+    if res.kind == "skipped":
+        rows = [{"stage": name, "kind": "skipped", "skipped": res.skipped, "wall_s": wall}]
+    elif res.kind == "torch":
+        rows = [_torch_row(ctx, name, res, wall)]
+    elif res.kind == "onnx":
+        rows = [_onnx_row(ctx, name, res.onnx, wall, _last_torch_row(state))]
+    else:
+        rows = [{"stage": name, "kind": "deploy", "wall_s": wall, "artifact": _rel(ctx, out)}]
+    for b in res.baselines:
+        like = next((r for r in state["rows"] if r["stage"] == (state.get("teacher_stage") if b.like == "teacher"
+                                                                    else b.like)), None)
+        rows.append(_onnx_row(ctx, b.label, b.onnx, 0.0, like, of=name))
+    return rows
+
+
 def _save_state(ctx) -> None:
-    ctx.state["artifacts"] = ctx.artifacts
+    ctx.state["artifacts"] = {k: _rel(ctx, v) for k, v in ctx.artifacts.items()}
     write_json(ctx.run_dir / "state.json", ctx.state)
     rows = ctx.state["rows"]
     write_json(ctx.run_dir / "ledger.json", {"recipe": ctx.cfg.recipe.name, "data": ctx.bundle.name,
@@ -164,8 +171,20 @@ def _save_state(ctx) -> None:
     (ctx.run_dir / "ledger.md").write_text(markdown(rows, ctx.bundle.classes, ctx.cfg.gates.critical_class))
 
 
+def _resolve(run_dir: Path, artifacts: dict) -> dict:
+    out = {}
+    for k, v in artifacts.items():
+        p = Path(v) if isinstance(v, str) else None
+        out[k] = str(run_dir / p) if p is not None and not p.is_absolute() else v
+    return out
+
+
 def _open_run(cfg) -> tuple[object, Path, dict]:
     import json
+
+    from omegaconf import OmegaConf
+
+    from edgeus import config as C
 
     if cfg.resume:
         run_dir = Path(cfg.resume).absolute()
@@ -188,13 +207,24 @@ def _open_run(cfg) -> tuple[object, Path, dict]:
     return cfg, run_dir, {"done": [], "rows": [], "artifacts": {}, "gates": []}
 
 
+def _restore_models(ctx) -> None:
+    """On resume: the teacher and the current model from the artifacts of the finished stages."""
+    from edgeus.train.checkpoint import load_checkpoint
+
+    a = ctx.artifacts
+    if a.get("teacher_model"):
+        ctx.teacher, _ = load_checkpoint(a["teacher_model"])
+    if a.get("model"):
+        same = a.get("teacher_model") and Path(a["model"]) == Path(a["teacher_model"])
+        ctx.model = ctx.teacher if same else load_checkpoint(a["model"])[0]
+
+
 def compress(cfg) -> dict:
     """Run (or resume) a recipe. Returns {"run_dir", "ledger", "report", "bundle", "gates"}.
 
     Raises :class:`GateError` after writing the ledger and report when a clinical gate fails.
     """
     from edgeus.data import build_datasets
-    from edgeus.train.checkpoint import load_checkpoint
     from edgeus.train.run import resolve_device
 
     cfg, run_dir, state = _open_run(cfg)
@@ -211,11 +241,8 @@ def compress(cfg) -> dict:
     bundle = build_datasets(cfg.data)
     print(f"  data {bundle.summary()}", flush=True)
     ctx = Context(cfg=cfg, run_dir=run_dir, bundle=bundle, device=device, state=state,
-                  artifacts=dict(state.get("artifacts", {})))
-    if "teacher" in state["done"]:
-        ctx.teacher, _ = load_checkpoint(_stage_dir(run_dir, recipe_stages, "teacher") / "model.pt")
-        last = _last_torch_row(state)
-        ctx.model = load_checkpoint(last["artifact"])[0] if last and last["stage"] != "teacher" else ctx.teacher
+                  artifacts=_resolve(run_dir, state.get("artifacts", {})))
+    _restore_models(ctx)
     gate_failures = []
     for i, name in enumerate(recipe_stages):
         if name not in selected:
@@ -223,33 +250,23 @@ def compress(cfg) -> dict:
         if name in state["done"] and not cfg.stages:
             print(f"[{i + 1}/{len(recipe_stages)}] {name}: done (resumed)", flush=True)
             continue
-        if name != "teacher" and ctx.teacher is None:
-            raise EdgeusError(f"stage {name} needs the teacher; run the teacher stage first")
         out = _stage_dir(run_dir, recipe_stages, name)
         out.mkdir(parents=True, exist_ok=True)
         print(f"[{i + 1}/{len(recipe_stages)}] {name} ...", flush=True)
         t0 = time.time()
-        report = STAGES[name](ctx, out)
+        res = STAGES[name](ctx, out)
         wall = time.time() - t0
-        if name == "teacher":
-            ctx.teacher = ctx.model
-        write_json(out / "report.json", report)
-        state["rows"] = [r for r in state["rows"] if r["stage"] not in (name, f"baseline: {name}")]
-        rows = []
-        if name in TORCH_STAGES:
-            rows.append(_torch_row(ctx, name, out, wall))
-        elif name == "export":
-            rows.append(_onnx_row(ctx, name, ctx.artifacts["fp32_onnx"], wall, _last_torch_row(state)))
-        elif name == "quantize":
-            rows.append(_onnx_row(ctx, name, ctx.artifacts["int8_onnx"], wall, _last_torch_row(state)))
-            if ctx.artifacts.get("teacher_int8_onnx"):
-                teacher_row = next(r for r in state["rows"] if r["stage"] == "teacher")
-                rows.append(_onnx_row(ctx, "baseline: teacher int8 (ORT)", ctx.artifacts["teacher_int8_onnx"], 0.0,
-                                      teacher_row))
-        else:
-            rows.append({"stage": name, "kind": "deploy", "wall_s": wall, "artifact": str(out)})
+        if res.role == "teacher":
+            ctx.teacher = res.model
+            state["teacher_stage"] = name
+        if res.model is not None:
+            ctx.model = res.model
+        ctx.artifacts.update(res.artifacts)
+        write_json(out / "report.json", res.report)
+        state["rows"] = [r for r in state["rows"] if r["stage"] != name and r.get("of") != name]
+        rows = _rows(ctx, name, res, out, wall)
         state["rows"].extend(rows)
-        if name in GATED and rows[0].get("metrics"):
+        if res.gated and rows[0].get("metrics"):
             teacher_m = ctx.state_metrics("teacher")
             results = G.check(name, teacher_m, rows[0]["metrics"], cfg.gates, bundle.classes)
             state["gates"] = [g for g in state.get("gates", []) if g["stage"] != name] + results
@@ -257,14 +274,7 @@ def compress(cfg) -> dict:
         if name not in state["done"]:
             state["done"].append(name)
         _save_state(ctx)
-        r0 = rows[0]
-        if r0.get("metrics"):
-            m = r0["metrics"]
-            print(f"    {name}: acc {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}  "
-                  f"{'params %.2fM  ' % (r0['params'] / 1e6) if r0.get('params') else ''}"
-                  f"{'MACs %.1fM  ' % (r0['macs'] / 1e6) if r0.get('macs') else ''}"
-                  f"{'%.2f ms (%.2fx vs teacher)  ' % (r0['latency_ms'], r0['speedup']) if r0.get('latency_ms') else ''}"
-                  f"[{wall:.0f} s]", flush=True)
+        _print_row(name, rows[0], wall)
         if gate_failures and cfg.gates.enforce:
             break
     result = {"run_dir": str(run_dir), "ledger": str(run_dir / "ledger.md"), "bundle": ctx.artifacts.get("bundle"),
@@ -276,18 +286,29 @@ def compress(cfg) -> dict:
     return result
 
 
+def _print_row(name: str, r0: dict, wall: float) -> None:
+    if r0.get("skipped"):
+        print(f"    {name}: skipped ({r0['skipped']})", flush=True)
+    if not r0.get("metrics"):
+        return
+    m = r0["metrics"]
+    print(f"    {name}: acc {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}  "
+          f"{'params %.2fM  ' % (r0['params'] / 1e6) if r0.get('params') else ''}"
+          f"{'MACs %.1fM  ' % (r0['macs'] / 1e6) if r0.get('macs') else ''}"
+          f"{'%.2f ms (%.2fx vs teacher)  ' % (r0['latency_ms'], r0['speedup']) if r0.get('latency_ms') else ''}"
+          f"[{wall:.0f} s]", flush=True)
+
+
 def _finish(ctx, result: dict) -> None:
     cfg = ctx.cfg
     if cfg.compress.robustness and ctx.teacher is not None:
-        from edgeus.data import build_loaders
         from edgeus.pipeline.robustness import evaluate_robustness, fragility
 
         student = ctx.artifacts.get("int8_onnx") or ctx.model
         if student is not None and student is not ctx.teacher:
             print("robustness: teacher and student under speckle / gain / blur / shadow ...", flush=True)
-            rob = evaluate_robustness({"teacher": ctx.teacher, "student": student},
-                                      build_loaders(ctx.bundle, cfg.data)["test"], ctx.bundle.classes,
-                                      ctx.bundle.preprocessing, list(cfg.robustness.corruptions),
+            rob = evaluate_robustness({"teacher": ctx.teacher, "student": student}, ctx.eval_loader(),
+                                      ctx.bundle.classes, ctx.bundle.preprocessing, list(cfg.robustness.corruptions),
                                       list(cfg.robustness.strengths), seed=int(cfg.seed))
             rob["summary"] = fragility(rob, "teacher", "student")
             write_json(ctx.run_dir / "robustness.json", rob)

@@ -1,26 +1,127 @@
 """The stages of ``compress``: thin adapters from a run's context to the stage functions that a
 user can also call directly (``edgeus.prune.prune_model``, ``edgeus.distill.distill``, ...).
 
-Each stage function takes ``(ctx, out_dir)`` and returns its report; it updates ``ctx.model``
-(torch stages) or ``ctx.artifacts`` (ONNX, engine, bundle).
+Each adapter takes ``(ctx, out_dir)``, reads the root config, passes each library function only its
+own section plus the pieces it needs (data, loaders, a fine-tuning callable, the teacher), and
+returns a :class:`StageResult`. The runner turns results into ledger rows without knowing any stage
+by name: a result with a ``model`` is a torch row (its ONNX export, made once here, is what the
+ledger times), a result with only ``onnx`` is an ONNX row, anything else a deploy row, and a result
+with ``skipped`` a row that says why nothing was done.
+
+Adapters never modify ``ctx.cfg``: a stage that needs different settings (the teacher's training,
+the baseline INT8 of the teacher) composes a new section with :func:`section`.
 """
 from __future__ import annotations
 
-import copy
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from edgeus.errors import EdgeusError
 
-TORCH_STAGES = ("teacher", "prune", "distill", "decompose")
 ORDER = ("teacher", "prune", "distill", "decompose", "export", "quantize", "build", "bench", "package")
+
+
+@dataclass
+class Baseline:
+    """An extra ledger row a stage measures beside its own (e.g. ONNX Runtime INT8 of the teacher)."""
+    label: str            # the row's name in the ledger
+    onnx: str             # the ONNX file timed and evaluated
+    like: str             # the stage whose params / MACs the row shows (its model's architecture)
+
+
+@dataclass
+class StageResult:
+    """What one stage produced.
+
+    ``report``: JSON-able, written to ``NN-<stage>/report.json``. ``model``: the torch model after the
+    stage (torch stages only). ``checkpoint`` / ``onnx``: that model's checkpoint and ONNX export (for an
+    ONNX stage, ``onnx`` is its output): the ledger measures ``onnx``. ``artifacts``: named paths merged
+    into the run's artifacts (what later stages ``need``). ``skipped``: why the stage did nothing (a
+    disabled stage, no engine for the target); a skipped stage changes nothing else. ``baselines``:
+    extra ledger rows. ``export``: the export report of ``onnx`` (torch stages).
+    """
+    report: dict = field(default_factory=dict)
+    model: Any = None
+    checkpoint: str | None = None
+    onnx: str | None = None
+    artifacts: dict = field(default_factory=dict)
+    skipped: str | None = None
+    baselines: list = field(default_factory=list)
+    export: dict | None = None
+    gated: bool = False        # the recipe's clinical gates judge this stage's row against the teacher's
+    role: str | None = None    # "teacher": this stage's model is the run's teacher
+
+    @property
+    def kind(self) -> str:
+        if self.skipped:
+            return "skipped"
+        if self.model is not None:
+            return "torch"
+        return "onnx" if self.onnx else "deploy"
+
+
+def section(node, **overrides):
+    """A new config section: ``node`` (a typed section of the run's config) with ``overrides``
+    applied. ``node`` is never modified (callers never deep-copy and mutate the run's config)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.merge(node, overrides) if overrides else node
+
+
+def with_sections(cfg, **sections):
+    """A new root config equal to ``cfg`` with whole sections replaced (for library functions that
+    still take the root config). ``cfg`` is never modified."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.merge(cfg, {k: v for k, v in sections.items()})
 
 
 def _teacher_for_finetune(ctx):
     return ctx.teacher if ctx.cfg.compress.teacher_guided else None
 
 
-def stage_teacher(ctx, out: Path) -> dict:
+def needs_teacher(fn):
+    """Stages after the teacher: refuse to run before a teacher exists (trained or resumed)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(ctx, out):
+        if ctx.teacher is None:
+            raise EdgeusError(f"stage {fn.__name__.removeprefix('stage_')} needs the teacher; "
+                              "run the teacher stage first")
+        return fn(ctx, out)
+    return wrapper
+
+
+def torch_result(ctx, out: Path, model, report: dict, stage: str, *, checkpoint: Path | None = None,
+                 artifacts: dict | None = None, gated: bool = True) -> StageResult:
+    """Save ``model`` as ``out/model.pt`` (unless ``checkpoint`` already holds it) and export it to
+    ``out/model.onnx`` once; the ledger, the export stage and the quantize stage reuse that file."""
+    from edgeus import config as C
+    from edgeus.onnx.export import export_onnx, parity_sample, target_opset
+    from edgeus.train.checkpoint import save_checkpoint
+
+    ckpt = out / "model.pt"
+    if checkpoint is None:
+        save_checkpoint(ckpt, model, classes=ctx.bundle.classes, preprocessing=ctx.bundle.preprocessing,
+                        config=C.to_yaml(ctx.cfg), extra={"stage": stage, "recipe": ctx.cfg.recipe.name})
+    onnx_path = out / "model.onnx"
+    sample, source = parity_sample(ctx.bundle.val, int(ctx.cfg.export.parity_samples))
+    exp = export_onnx(model, onnx_path, ctx.cfg.export, preprocessing=dict(ctx.bundle.preprocessing),
+                      classes=list(ctx.bundle.classes), sample=sample, sample_source=source,
+                      target_opset=target_opset(ctx.cfg.target), seed=int(ctx.cfg.seed))
+    from edgeus.pipeline.ledger import write_json
+
+    write_json(out / "export.json", exp)
+    arts = {"model": str(ckpt), "onnx": str(onnx_path), "export_report": str(out / "export.json")}
+    arts.update(artifacts or {})
+    return StageResult(report=report, model=model, checkpoint=str(ckpt), onnx=str(onnx_path), artifacts=arts,
+                       export=exp, gated=gated)
+
+
+def stage_teacher(ctx, out: Path) -> StageResult:
     from edgeus.train.checkpoint import load_checkpoint
     from edgeus.train.run import train_from_config
 
@@ -31,29 +132,35 @@ def stage_teacher(ctx, out: Path) -> dict:
             raise EdgeusError(f"teacher.checkpoint={cfg.teacher.checkpoint} predicts {ckpt['classes']}, "
                               f"the data has {ctx.bundle.classes}")
         shutil.copyfile(cfg.teacher.checkpoint, out / "model.pt")
-        ctx.set_model(model)
-        return {"source": "loaded", "checkpoint": str(cfg.teacher.checkpoint)}
-    tcfg = copy.deepcopy(cfg)
-    for k, v in (cfg.teacher.train or {}).items():
-        tcfg.train[k] = v
-    tcfg.train.out = str(out / "train")
-    result, _ = train_from_config(tcfg, out / "train", bundle=ctx.bundle)
-    shutil.copyfile(result.best_path, out / "model.pt")
-    ctx.set_model(result.model)
-    return {"source": "trained", "epochs": int(tcfg.train.epochs), "best_epoch": result.best_epoch,
-            "val": _brief(result.best_metrics)}
+        report = {"source": "loaded", "checkpoint": str(cfg.teacher.checkpoint)}
+    else:
+        train = section(cfg.train, **{**dict(cfg.teacher.train or {}), "out": str(out / "train")})
+        result, _ = train_from_config(with_sections(cfg, train=train), out / "train", bundle=ctx.bundle)
+        shutil.copyfile(result.best_path, out / "model.pt")
+        model = result.model
+        report = {"source": "trained", "epochs": int(train.epochs), "best_epoch": result.best_epoch,
+                  "val": _brief(result.best_metrics)}
+    res = torch_result(ctx, out, model, report, "teacher", checkpoint=out / "model.pt", gated=False)
+    res.artifacts.update(teacher_model=res.checkpoint, teacher_onnx=res.onnx)
+    res.role = "teacher"
+    return res
 
 
-def stage_prune(ctx, out: Path) -> dict:
-    from edgeus.prune import prune_model
+@needs_teacher
+def stage_prune(ctx, out: Path) -> StageResult:
+    from edgeus.finetune import make_finetuner
+    from edgeus.prune import example_input, prune_model
 
-    model, report = prune_model(ctx.model, ctx.cfg, bundle=ctx.bundle, teacher=_teacher_for_finetune(ctx),
-                                device=ctx.device, out_dir=out)
-    ctx.set_model(model)
-    return report
+    ft = make_finetuner(ctx.cfg, ctx.bundle, teacher=_teacher_for_finetune(ctx), device=ctx.device)
+    model, report = prune_model(ctx.model, ctx.cfg.prune, finetune=ft, loaders=ft.loaders, device=ctx.device,
+                                example_inputs=example_input(ctx.model, ctx.cfg.data.image_size, ctx.cfg.data.in_chans),
+                                out_dir=out)
+    return torch_result(ctx, out, model, report, "prune")
 
 
-def stage_distill(ctx, out: Path) -> dict:
+@needs_teacher
+def stage_distill(ctx, out: Path) -> StageResult:
+    from edgeus import config as C
     from edgeus.distill import distill
     from edgeus.train.run import build_model
 
@@ -65,113 +172,150 @@ def stage_distill(ctx, out: Path) -> dict:
         if Path(cfg.distill.student).suffix in (".pt", ".pth"):
             student, _ = load_checkpoint(cfg.distill.student)
         else:
-            scfg = copy.deepcopy(cfg)
-            scfg.model.name = cfg.distill.student
-            scfg.model.pretrained = None
-            scfg.model.kwargs = {}
-            student = build_model(scfg, len(ctx.bundle.classes))
+            model = section(cfg.model, name=cfg.distill.student, pretrained=None)
+            model.kwargs = {}
+            student = build_model(with_sections(cfg, model=model), len(ctx.bundle.classes))
     elif student is ctx.teacher:
         raise EdgeusError("the distill stage needs a student: set distill.student=<model name or checkpoint>, "
                           "or put a prune / decompose stage before it")
-    student, report = distill(student, ctx.teacher, cfg, ctx.bundle, out, device=ctx.device)
-    ctx.set_model(student)
-    return report
+    weights = ctx.bundle.class_weights() if cfg.data.balance == "weights" else None
+    student, report = distill(student, ctx.teacher, cfg.distill, loaders=ctx.train_loaders(), train_cfg=cfg.train,
+                              classes=ctx.bundle.classes, preprocessing=ctx.bundle.preprocessing,
+                              class_weights=weights, seed=int(cfg.seed), out_dir=out, device=ctx.device,
+                              config_yaml=C.to_yaml(cfg))
+    return torch_result(ctx, out, student, report, "distill")
 
 
-def stage_decompose(ctx, out: Path) -> dict:
+@needs_teacher
+def stage_decompose(ctx, out: Path) -> StageResult:
     from edgeus.decompose import decompose_model
 
-    model, report = decompose_model(ctx.model, ctx.cfg, bundle=ctx.bundle, teacher=_teacher_for_finetune(ctx),
-                                    device=ctx.device, out_dir=out)
-    ctx.set_model(model)
-    return report
+    if not ctx.cfg.decompose.enabled:
+        return StageResult(report={"stage": "decompose", "enabled": False}, skipped="decompose.enabled=false")
+    from edgeus.finetune import make_finetuner
+
+    ft = make_finetuner(ctx.cfg, ctx.bundle, teacher=_teacher_for_finetune(ctx), device=ctx.device)
+    model, report = decompose_model(ctx.model, ctx.cfg.decompose, image_size=ctx.cfg.data.image_size,
+                                    in_chans=ctx.cfg.data.in_chans, finetune=ft,
+                                    calib_loader=ft.loaders["train_plain"], device=ctx.device, out_dir=out)
+    return torch_result(ctx, out, model, report, "decompose")
 
 
-def stage_export(ctx, out: Path) -> dict:
-    from edgeus.quantize import export_onnx
+@needs_teacher
+def stage_export(ctx, out: Path) -> StageResult:
+    """The student's FP32 ONNX: the export its torch stage already made (and parity-checked)."""
+    import json
 
+    src = Path(ctx.need("onnx", "teacher"))
     path = out / "student.fp32.onnx"
-    report = export_onnx(ctx.model, path, ctx.cfg, bundle=ctx.bundle)
-    ctx.artifacts["fp32_onnx"] = str(path)
-    return report
+    shutil.copyfile(src, path)
+    rep = ctx.artifacts.get("export_report")
+    report = json.loads(Path(rep).read_text()) if rep and Path(rep).is_file() else {}
+    report.update(path=str(path), source=str(src))
+    return StageResult(report=report, onnx=str(path), artifacts={"fp32_onnx": str(path)})
 
 
-def stage_quantize(ctx, out: Path) -> dict:
-    from edgeus.quantize import quantize_onnx
+@needs_teacher
+def stage_quantize(ctx, out: Path) -> StageResult:
+    from edgeus.finetune import make_finetuner
+    from edgeus.onnx.export import export_onnx, parity_sample, target_opset
+    from edgeus.quantize import QATSetup, QDQLayout, inputs_from_bundle, quantize_onnx
 
+    cfg = ctx.cfg
     fp32 = ctx.need("fp32_onnx", "export")
+    teacher_onnx = ctx.need("teacher_onnx", "teacher")
     path = out / "student.int8.onnx"
-    report = quantize_onnx(fp32, path, ctx.cfg, ctx.bundle, teacher_onnx=ctx.teacher_onnx(), model=ctx.model,
-                           out_dir=out / "work", device=ctx.device)
-    ctx.artifacts["int8_onnx"] = str(path)
-    if ctx.cfg.compress.baseline_int8:
-        # the obvious alternative a user tries first: ONNX Runtime INT8 of the uncompressed teacher
-        bcfg = copy.deepcopy(ctx.cfg)
-        bcfg.quantize.fallback = "none"
-        bcfg.quantize.qat = "false"
+    layout = QDQLayout.from_target(cfg.target)
+    data = inputs_from_bundle(ctx.bundle, cfg.quantize)      # calibration (train) and evaluation (val) sets
+
+    def export(model, onnx_path):  # QAT's fine-tuned model, exported like every torch stage's
+        sample, source = parity_sample(ctx.bundle.val, int(cfg.export.parity_samples))
+        return export_onnx(model, onnx_path, cfg.export, preprocessing=dict(ctx.bundle.preprocessing),
+                           classes=list(ctx.bundle.classes), sample=sample, sample_source=source,
+                           target_opset=target_opset(cfg.target), seed=int(cfg.seed))
+
+    qat = QATSetup(ctx.model, finetune=lambda fp32_model: make_finetuner(cfg, ctx.bundle, teacher=fp32_model,
+                                                                         device=ctx.device),
+                   export=export, device=ctx.device)
+    report = quantize_onnx(fp32, path, cfg.quantize, layout=layout, target=cfg.target.name, **data, qat=qat,
+                           teacher_onnx=teacher_onnx, out_dir=out / "work")
+    res = StageResult(report=report, onnx=str(path), artifacts={"int8_onnx": str(path)}, gated=True)
+    if cfg.compress.baseline_int8:
+        # the obvious alternative a user tries first: ONNX Runtime INT8 of the uncompressed teacher (PTQ alone)
         bpath = out / "teacher.int8.onnx"
         report["baseline"] = {"path": str(bpath),
-                              "report": quantize_onnx(ctx.teacher_onnx(), bpath, bcfg, ctx.bundle,
-                                                      out_dir=out / "work-baseline", device=ctx.device)}
-        ctx.artifacts["teacher_int8_onnx"] = str(bpath)
-    return report
+                              "report": quantize_onnx(teacher_onnx, bpath, cfg.quantize, layout=layout,
+                                                      target=cfg.target.name, **data, recovery=False,
+                                                      out_dir=out / "work-baseline")}
+        res.artifacts["teacher_int8_onnx"] = str(bpath)
+        res.baselines.append(Baseline("baseline: teacher int8 (ORT)", str(bpath), like="teacher"))
+    return res
 
 
-def stage_build(ctx, out: Path) -> dict:
+@needs_teacher
+def stage_build(ctx, out: Path) -> StageResult:
     from edgeus.deploy import build
 
+    cfg = ctx.cfg
     onnx_path = ctx.need("int8_onnx", "quantize")
-    if ctx.cfg.target.backend != "tensorrt":
-        return {"skipped": True, "reason": f"target {ctx.cfg.target.name} runs the INT8 ONNX with "
-                f"{ctx.cfg.target.backend}; there is no engine to build (the bundle carries the ONNX)"}
+    if cfg.target.backend != "tensorrt":
+        why = (f"target {cfg.target.name} runs the INT8 ONNX with {cfg.target.backend}; there is no engine to "
+               f"build (the bundle carries the ONNX)")
+        return StageResult(report={"skipped": True, "reason": why}, skipped=why)
     meta = {"classes": ctx.bundle.classes, "preprocessing": ctx.bundle.preprocessing,
-            "recipe": ctx.cfg.recipe.name, "run": str(ctx.run_dir)}
-    report = build(onnx_path, ctx.cfg.target, ctx.cfg.build, out, meta)
-    ctx.artifacts["build_dir"] = str(out)
-    return report
+            "recipe": cfg.recipe.name, "run": str(ctx.run_dir)}
+    report = build(onnx_path, cfg.target, cfg.build, out, meta)
+    return StageResult(report=report, artifacts={"build_dir": str(out)})
 
 
-def stage_bench(ctx, out: Path) -> dict:
+@needs_teacher
+def stage_bench(ctx, out: Path) -> StageResult:
     """Teacher, INT8-only teacher and student (FP32, INT8) timed together with ``edgeus bench``."""
-    from edgeus.pipeline.runner import measure_latency
+    from edgeus.pipeline.latency import measure_latency
 
-    models = {"teacher fp32": ctx.teacher_onnx()}
+    cfg = ctx.cfg
+    models = {"teacher fp32": ctx.need("teacher_onnx", "teacher")}
     for key, name in (("teacher_int8_onnx", "teacher int8 (ORT only)"), ("fp32_onnx", "student fp32"),
                       ("int8_onnx", "student int8")):
         if ctx.artifacts.get(key):
             models[name] = ctx.artifacts[key]
-    table = measure_latency(ctx.cfg, models, ctx.cfg.bench.iters, ctx.cfg.bench.warmup, ctx.cfg.bench.batch_sizes,
-                            out=out / "bench.json")
+    table = measure_latency(cfg, models, cfg.bench.iters, cfg.bench.warmup, cfg.bench.batch_sizes,
+                            threads=cfg.compress.latency_threads, out=out / "bench.json")
     lines = ["| model | batch | median ms | p90 ms | speed-up vs teacher | bytes |", "|---|---|---|---|---|---|"]
     for b, lat in table.items():
         for n, v in lat.items():
             lines.append(f"| {n} | {b.split()[1]} | {v['median_ms']:.2f} | {v['p90_ms']:.2f} | "
                          f"{v['speedup']:.2f}× | {v['bytes']} |")
     (out / "latency.md").write_text("\n".join(lines) + "\n")
-    return {"latency": table, "models": {n: str(p) for n, p in models.items()}}
+    return StageResult(report={"latency": table, "models": {n: str(p) for n, p in models.items()}})
 
 
-def stage_package(ctx, out: Path) -> dict:
+@needs_teacher
+def stage_package(ctx, out: Path) -> StageResult:
     from edgeus.deploy import package, verify
 
     cfg = ctx.cfg
-    bundle_dir = Path(cfg.package.out) if cfg.package.out else out / "bundle"
+    own = out / "bundle"
+    bundle_dir = Path(cfg.package.out) if cfg.package.out else own
+    if bundle_dir == own:
+        # the stage's own bundle inside the run directory: a re-run of this stage replaces it
+        shutil.rmtree(own, ignore_errors=True)
+        Path(str(own) + ".tar.gz").unlink(missing_ok=True)
     metrics = {"student": ctx.state_metrics("final"), "teacher": ctx.state_metrics("teacher")}
     path = package(ctx.run_dir, bundle_dir, cfg.package, target=cfg.target, build_cfg=cfg.build,
                    data=ctx.bundle if cfg.package.golden_data else None,
                    data_preprocessing={k: list(cfg.data[k]) for k in ("mean", "std")}, seed=cfg.seed,
-                   recipe=cfg.recipe.name, overwrite=True,   # a re-run of this stage replaces its own bundle
+                   recipe=cfg.recipe.name,
                    fp32_onnx=ctx.artifacts.get("fp32_onnx"), int8_onnx=ctx.artifacts.get("int8_onnx"),
                    build_dir=ctx.artifacts.get("build_dir"), metrics=metrics)
-    ctx.artifacts["bundle"] = str(path)
     check = verify(path)
     ok = check.get("ok", True) if isinstance(check, dict) else bool(check)
     if not ok:
         raise EdgeusError(f"the bundle just written does not verify: {check}")
-    return {"bundle": str(path), "verify": check}
+    return StageResult(report={"bundle": str(path), "verify": check}, artifacts={"bundle": str(path)})
 
 
-STAGES = {
+STAGES: dict[str, Callable] = {
     "teacher": stage_teacher, "prune": stage_prune, "distill": stage_distill, "decompose": stage_decompose,
     "export": stage_export, "quantize": stage_quantize, "build": stage_build, "bench": stage_bench,
     "package": stage_package,
