@@ -65,12 +65,16 @@ def run_dir(tmp_path_factory):
     return d
 
 
-def _build(onnx_path, overrides, out):
+# a machine without TensorRT: what build() sees on these CPUs, and the same on a GPU machine
+NO_GPU = {"tensorrt": None, "gpu": None, "compute_capability": None, "builder": False}
+
+
+def _build(onnx_path, overrides, out, here=NO_GPU):
     """``edgeus.deploy.build`` with the target and build sections of ``compose(overrides)``."""
     from edgeus.deploy import build
 
     cfg = compose(list(overrides))
-    return build(onnx_path, cfg.target, cfg.build, out)
+    return build(onnx_path, cfg.target, cfg.build, out, here=here)
 
 
 def _tiny_graph(*, op="Relu", domain="", shape=("batch", 1, 8, 8), opset=17, attrs=None):
@@ -174,14 +178,14 @@ def test_offline_build_writes_trtexec_script_and_manifest(run_dir, tmp_path):
     from edgeus.deploy import build
 
     cfg = compose(["target=jetson_orin_nano"])
-    r = build(run_dir / "student.int8.onnx", cfg.target, cfg.build, tmp_path / "b")
+    r = build(run_dir / "student.int8.onnx", cfg.target, cfg.build, tmp_path / "b", here=NO_GPU)
     b = tmp_path / "b"
-    assert (r["status"] == "engine") == HAVE_TRT
+    assert r["status"] == "device-build-required" and "TensorRT is not installed" in r["reason"]
     cmd = r["trtexec"]
     assert "--onnx=student.int8.onnx" in cmd and "--saveEngine=student.int8.engine" in cmd
     assert "--stronglyTyped" in cmd and "--int8" not in cmd and "--fp16" not in cmd  # strongly typed: no flags
     assert "--minShapes=input:1x1x32x32" in cmd and "--maxShapes=input:4x1x32x32" in cmd
-    assert "--sparsity=enable" in cmd and "--memPoolSize=workspace:1024M" in cmd
+    assert "--sparsity=enable" in cmd and "--memPoolSize=workspace:1024 " in cmd
     assert "--builderOptimizationLevel=3" in cmd and "--timingCacheFile=timing.cache" in cmd
     assert "--useDLACore" not in cmd
     for f in ("student.int8.onnx", "build_engine.sh", "trtexec.txt", "device_probe.py", "compat.json", "manifest.json"):
@@ -197,19 +201,26 @@ def test_offline_build_writes_trtexec_script_and_manifest(run_dir, tmp_path):
     assert m["model"]["classes"] == ["normal", "benign", "malignant"]
     assert m["model"]["inputs"][0]["name"] == "input"
     assert set(m["files"]) >= {"student.int8.onnx", "build_engine.sh", "device_probe.py"}
-    if not HAVE_TRT:
-        assert m["build"]["status"] == "device-build-required" and m["tensorrt"] is None
-        assert "must be built on the" in r["message"]
+    assert m["build"]["status"] == "device-build-required" and m["tensorrt"] is None
+    assert m["build"]["reason"] and "must be built on the" in r["message"]
+    assert m["build"]["trtexec_args"] == r["trtexec"].split()[1:]
 
 
 def test_build_flags_follow_the_target(run_dir, tmp_path):
-    xav = _build(run_dir / "student.int8.onnx", ["target=jetson_xavier_nx"], tmp_path / "x")["trtexec"]
-    if not HAVE_TRT:  # TensorRT 8.5: no strong typing, no builder optimisation level, no sparsity on Volta
-        assert "--int8" in xav and "--fp16" in xav and "--stronglyTyped" not in xav
-        assert "--builderOptimizationLevel" not in xav and "--sparsity" not in xav
+    # TensorRT 8.5 (Xavier NX): no strong typing, no builder optimisation level, --buildOnly; no sparsity on
+    # Volta. The flags follow the target even where a newer TensorRT is installed (here: 10.8 on an SM 8.6 GPU)
+    newer_here = {"tensorrt": "10.8.0.43", "builder": True, "gpu": "NVIDIA RTX A4000", "compute_capability": "8.6"}
+    xr = _build(run_dir / "student.int8.onnx", ["target=jetson_xavier_nx"], tmp_path / "x", here=newer_here)
+    xav = xr["trtexec"]
+    assert "--int8" in xav and "--fp16" in xav and "--stronglyTyped" not in xav
+    assert "--builderOptimizationLevel" not in xav and "--sparsity" not in xav
+    assert xav.endswith("--buildOnly") and "--skipInference" not in xav
+    assert xr["status"] == "device-build-required" and "TensorRT 10.8.0.43" in xr["reason"]
+    # DLA: one static profile (min = opt = max at the target's opt batch), GPU fallback on
     dla = _build(run_dir / "student.int8.onnx", ["target=jetson_agx_orin", "build.dla_core=1"],
                  tmp_path / "d")["trtexec"]
-    assert "--useDLACore=1" in dla and "--allowGPUFallback" in dla and "--optShapes=input:4x1x32x32" in dla
+    assert "--useDLACore=1" in dla and "--allowGPUFallback" in dla
+    assert all(f"--{k}Shapes=input:4x1x32x32" in dla for k in ("min", "opt", "max"))
     with pytest.raises(EdgeusError, match="DLA"):
         _build(run_dir / "student.int8.onnx", ["target=jetson_orin_nano", "build.dla_core=0"], tmp_path / "n")
 
@@ -220,6 +231,167 @@ def test_build_refuses_an_incompatible_model(tmp_path):
     with pytest.raises(EdgeusError, match="not ready for TensorRT"):
         _build(bad, ["target=desktop_ada"], tmp_path / "out")
     assert json.loads((tmp_path / "out" / "compat.json").read_text())["ok"] is False
+
+
+# trtexec options each TensorRT release accepts, read from NVIDIA/TensorRT samples/common/sampleOptions.cpp
+# (release/8.5, release/8.6, v10.0.0 .. v10.16): 8.5 knows --buildOnly only, 8.6 adds --skipInference and
+# --builderOptimizationLevel (and deprecates --buildOnly), 10.0 removes --buildOnly and has --stronglyTyped.
+_TRTEXEC_85 = {"--onnx", "--saveEngine", "--int8", "--fp16", "--minShapes", "--optShapes", "--maxShapes",
+               "--sparsity", "--useDLACore", "--allowGPUFallback", "--memPoolSize", "--timingCacheFile",
+               "--buildOnly"}
+TRTEXEC_OPTIONS = {
+    (8, 5): _TRTEXEC_85,
+    (8, 6): _TRTEXEC_85 - {"--buildOnly"} | {"--skipInference", "--builderOptimizationLevel"},
+    (10, 0): _TRTEXEC_85 - {"--buildOnly"} | {"--skipInference", "--builderOptimizationLevel", "--stronglyTyped"},
+}
+
+
+def _trt_targets():
+    from edgeus import resources
+
+    names = [n for n in resources.list_options("targets") if compose([f"target={n}"]).target.backend == "tensorrt"]
+    assert set(TRT_TARGETS) <= set(names)
+    return names
+
+
+@pytest.mark.parametrize("target", _trt_targets())
+def test_trtexec_options_exist_in_the_targets_lowest_tensorrt(target, run_dir, tmp_path):
+    """Every target in targets/: each trtexec option is one the lowest TensorRT of its range accepts."""
+    from edgeus.deploy.versions import lower_bound
+
+    t = compose([f"target={target}"]).target
+    low = lower_bound(t.tensorrt)
+    assert low, f"{target}: a TensorRT target needs a version range with a lower bound"
+    known = TRTEXEC_OPTIONS[max(v for v in TRTEXEC_OPTIONS if v <= low[:2])]
+    variants = [[]] + ([["build.dla_core=0"]] if t.dla_cores else [])
+    for i, extra in enumerate(variants):
+        r = _build(run_dir / "student.int8.onnx", [f"target={target}", *extra], tmp_path / f"b{i}")
+        args = r["trtexec"].split()
+        assert args[0] == "trtexec"
+        used = {a.split("=", 1)[0] for a in args[1:]}
+        assert used <= known, f"{target} (TensorRT {t.tensorrt}): {sorted(used - known)} unknown to that trtexec"
+        assert args[-1] == ("--skipInference" if low >= (8, 6) else "--buildOnly")
+        assert ("--builderOptimizationLevel=3" in args) == (low >= (8, 6))
+        assert ("--stronglyTyped" in args) == (low >= (10,))          # a Q/DQ model: strongly typed from 10
+        assert ("--int8" in args) == (low < (10,))
+        script = (tmp_path / f"b{i}" / "build_engine.sh").read_text()
+        assert args[-1] in script and ("--stronglyTyped" in script) == (low >= (10,))
+        if shutil.which("bash"):
+            assert subprocess.run(["bash", "-n", str(tmp_path / f"b{i}" / "build_engine.sh")]).returncode == 0
+        if extra:   # DLA: static shapes, GPU fallback
+            b = t.batch.opt
+            assert "--useDLACore=0" in args and "--allowGPUFallback" in args
+            assert all(f"--{k}Shapes=input:{b}x1x32x32" in args for k in ("min", "opt", "max"))
+
+
+def test_features_by_tensorrt_version():
+    from edgeus.deploy.builder import trt_features
+
+    assert trt_features("8.5.2")["skip_inference_flag"] == "--buildOnly"
+    assert trt_features((8, 6))["skip_inference_flag"] == "--skipInference"
+    assert not trt_features("8.5")["builder_optimization_level"] and trt_features("8.6.1")["builder_optimization_level"]
+    assert not trt_features("9.3")["strongly_typed"] and trt_features("10.3")["strongly_typed"]
+    assert trt_features("10.16")["precision_flags"] and not trt_features("11.0")["precision_flags"]
+
+
+@pytest.mark.parametrize("here,expect", [
+    ({}, "TensorRT is not installed"),
+    ({"tensorrt": "10.3.0", "builder": False,
+      "builder_error": "TensorRT 10.3.0 imports but cannot create a builder (nullptr)"}, "cannot create a builder"),
+    ({"tensorrt": "10.0.1.6", "builder": True, "compute_capability": "8.7"}, "needs TensorRT >=10.3,<11"),
+    ({"tensorrt": "11.0.0", "builder": True, "compute_capability": "8.7"}, "needs TensorRT >=10.3,<11"),
+    ({"tensorrt": "10.3.0.30", "builder": True, "compute_capability": "8.6", "gpu": "RTX A4000"},
+     "compute capability 8.6"),
+    ({"tensorrt": "10.3.0.30", "builder": True, "compute_capability": None}, "no CUDA GPU"),
+    ({"tensorrt": "10.3.0.30", "builder": True, "compute_capability": "8.7", "gpu": "Orin"}, None),
+])
+def test_local_build_only_where_the_target_runs(here, expect):
+    from edgeus.deploy.builder import local_build_blocker
+
+    why = local_build_blocker(compose(["target=jetson_orin_nano"]).target, here)
+    assert (why is None) if expect is None else (expect in why), why
+
+
+def test_device_build_required_says_why(run_dir, tmp_path):
+    here = {"tensorrt": "10.3.0.30", "builder": True, "compute_capability": "8.9", "gpu": "RTX 4090"}
+    r = _build(run_dir / "student.int8.onnx", ["target=jetson_orin_nano"], tmp_path / "b", here=here)
+    assert r["status"] == "device-build-required" and "compute capability 8.9" in r["reason"]
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert m["build"]["status"] == "device-build-required" and m["build"]["reason"] == r["reason"]
+    assert r["reason"] in r["message"]
+
+
+def test_tensorrt_without_a_cuda_device_is_not_available(monkeypatch):
+    """``trt.Builder`` without a CUDA device raises pybind11's nullptr error: unavailable, not a crash."""
+    import sys
+    import types
+
+    from edgeus.deploy.builder import tensorrt_available, tensorrt_status
+
+    fake = types.ModuleType("tensorrt")
+    fake.__version__ = "10.3.0"
+
+    class Logger:
+        ERROR = WARNING = 0
+
+        def __init__(self, *a):
+            pass
+
+    def builder(logger):
+        raise TypeError("pybind11::init(): factory function returned nullptr")
+
+    fake.Logger, fake.Builder = Logger, builder
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    ok, why = tensorrt_status()
+    assert not ok and "nullptr" in why and "10.3.0" in why
+    assert not tensorrt_available()
+
+
+def test_dla_core_checks():
+    from edgeus.deploy.builder import check_dla_core
+
+    check_dla_core(None, 0)
+    check_dla_core(1, 2)
+    with pytest.raises(EdgeusError, match="no DLA"):
+        check_dla_core(0, 0)          # an Orin Nano, a desktop GPU
+    with pytest.raises(EdgeusError, match="1 DLA core"):
+        check_dla_core(1, 1)          # an 8 GB Orin NX
+
+
+@pytest.mark.skipif(not shutil.which("bash") or not shutil.which("sha256sum"), reason="needs bash and sha256sum")
+@pytest.mark.parametrize("hostile", ["m$(touch INJ).int8.onnx", "m`touch INJ`.int8.onnx", "m'; touch INJ; '.onnx",
+                                     'm"$(touch INJ)".onnx', "-m --x;touch INJ.onnx"])
+def test_build_script_quotes_hostile_file_names(run_dir, tmp_path, hostile):
+    """A model file named to run a command runs nothing: the script passes it as one literal argument."""
+    import shlex
+
+    src = tmp_path / "in" / hostile
+    src.parent.mkdir()
+    shutil.copyfile(run_dir / "student.int8.onnx", src)
+    out = tmp_path / "b"
+    r = _build(src, ["target=jetson_orin_nano"], out)
+    assert (out / hostile).is_file()
+    assert shlex.split((out / "trtexec.txt").read_text())[1] == f"--onnx={hostile}"
+    fake = tmp_path / "fake_trtexec"
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$FAKE_ARGS"\n'
+                    'for a in "$@"; do case "$a" in --saveEngine=*) printf engine > "${a#--saveEngine=}";; esac; done\n')
+    fake.chmod(0o755)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = {"PATH": "/usr/bin:/bin", "TRTEXEC": str(fake), "FAKE_ARGS": str(tmp_path / "args.txt")}
+    p = subprocess.run(["bash", str(out / "build_engine.sh")], cwd=cwd, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert not list(tmp_path.rglob("INJ*")), "a file name ran a command"
+    args = (tmp_path / "args.txt").read_text().splitlines()
+    assert f"--onnx={hostile}" in args and args == shlex.split(r["trtexec"])[1:]
+    engine = json.loads((out / "engine.json").read_text())
+    assert engine["engine"] == hostile[:-5] + ".engine" and (out / engine["engine"]).is_file()
+    # a modified model is refused before trtexec runs
+    (out / hostile).write_bytes(b"tampered")
+    (tmp_path / "args.txt").unlink()
+    p = subprocess.run(["bash", str(out / "build_engine.sh")], cwd=cwd, env=env, capture_output=True, text=True)
+    assert p.returncode != 0 and "refusing to build" in p.stderr and not (tmp_path / "args.txt").exists()
+    assert not list(tmp_path.rglob("INJ*"))
 
 
 # ----------------------------------------------------------------------------------------- runners and bench
@@ -428,7 +600,7 @@ def test_cli_targets_and_build(run_dir, tmp_path, capsys):
     assert "jetson_orin_nano" in capsys.readouterr().out
     assert main(["build", str(run_dir / "student.int8.onnx"), "target=desktop_ada", f"out={tmp_path / 'b'}"]) == 0
     out = capsys.readouterr().out
-    assert "trtexec --onnx=" in out and ("must be built on the" in out or HAVE_TRT)
+    assert "trtexec --onnx=" in out and ("must be built on the" in out or "built student.int8.engine" in out)
 
 
 # ----------------------------------------------------------------------------------------- TensorRT (GPU only)
@@ -436,9 +608,15 @@ def test_cli_targets_and_build(run_dir, tmp_path, capsys):
 @needs_trt
 def test_tensorrt_engine_build_and_run(run_dir, tmp_path):
     from edgeus.deploy import build
+    from edgeus.deploy.builder import local_build_blocker, local_environment
     from edgeus.deploy.runners import make_runner
 
-    cfg = compose(["target=desktop_ampere", "target.sparse_weights=false"])
+    here = local_environment()
+    cc = here.get("compute_capability") or "8.6"
+    cfg = compose(["target=desktop_ampere", "target.sparse_weights=false", f"target.compute_capability={cc}"])
+    why = local_build_blocker(cfg.target, here)
+    if why:
+        pytest.skip(f"no local TensorRT build: {why}")
     r = build(run_dir / "student.int8.onnx", cfg.target, cfg.build, tmp_path / "b")
     assert r["status"] == "engine" and Path(r["engine"]).is_file()
     assert (tmp_path / "b" / "timing.cache").is_file()
@@ -449,6 +627,12 @@ def test_tensorrt_engine_build_and_run(run_dir, tmp_path):
         a = next(iter(trt_r.infer({"input": x}).values()))
         b = next(iter(ort_r.infer({"input": x}).values()))
     assert a.shape == b.shape
+
+    def softmax(v):
+        e = np.exp(v - v.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    np.testing.assert_allclose(softmax(a), softmax(b), atol=0.05)   # the bundle's INT8 golden tolerance
 
 
 def test_manifest_of_a_bundle_given_by_a_relative_path(tmp_path, monkeypatch):

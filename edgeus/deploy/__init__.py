@@ -6,15 +6,15 @@
     package("runs/<run>", "firmware/v3", cfg.package, target=cfg.target)   # bundle directory + .tar.gz
     verify("firmware/v3.tar.gz")                         # checksums, schema, compatibility, golden outputs
 
-TensorRT and pycuda are imported only inside the TensorRT runner and the engine builder.
+TensorRT and its CUDA bindings are imported only inside the TensorRT runner and the engine builder.
 """
 from __future__ import annotations
 
 
-def build(onnx_path, target, build_cfg, out_dir, meta=None):
+def build(onnx_path, target, build_cfg, out_dir, meta=None, **kwargs):
     from edgeus.deploy.builder import build as _build
 
-    return _build(onnx_path, target, build_cfg, out_dir, meta)
+    return _build(onnx_path, target, build_cfg, out_dir, meta, **kwargs)
 
 
 def bench(paths, cfg, *, out=None):
