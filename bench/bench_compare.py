@@ -32,23 +32,17 @@ sys.path.insert(0, str(ROOT))
 def export(model, path: Path, cfg, size: int) -> str:
     import torch
 
+    from edgeus.onnx.export import ExportParityError, export_onnx, target_opset
+
+    pre = {"image_size": size, "in_chans": 1, "mean": list(cfg.data.mean), "std": list(cfg.data.std)}
     try:
-        from edgeus.quantize import export_onnx
-    except ImportError:
-        export_onnx = None
-    if export_onnx is not None:
-        try:
-            export_onnx(model, path, cfg, sample=torch.randn(2, 1, size, size))
-            return "edgeus.quantize.export_onnx"
-        except Exception as e:  # the parity gate on untrained weights; the file is still written
-            if path.is_file():
-                return f"edgeus.quantize.export_onnx (parity gate failed on untrained weights: {str(e)[:120]})"
-            raise
-    else:
-        torch.onnx.export(model.eval(), (torch.randn(1, 1, size, size),), str(path), input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                          opset_version=17, dynamo=False)
-        return "torch.onnx.export"
+        export_onnx(model, path, cfg.export, preprocessing=pre, sample=torch.randn(2, 1, size, size),
+                    target_opset=target_opset(cfg.target), seed=int(cfg.seed))
+        return "edgeus.onnx.export_onnx"
+    except ExportParityError as e:  # the parity gate on untrained weights; the file is still written
+        if path.is_file():
+            return f"edgeus.onnx.export_onnx (parity gate failed on untrained weights: {str(e)[:120]})"
+        raise
 
 
 def main() -> int:
@@ -94,10 +88,11 @@ def main() -> int:
         t0 = time.perf_counter()
         try:
             from edgeus.data import build_datasets
-            from edgeus.quantize import quantize_onnx
+            from edgeus.quantize import QDQLayout, inputs_from_bundle, quantize_onnx
 
             data = build_datasets(cfg.data)
-            quantize_onnx(paths["student"], paths["student_int8"], cfg, data)
+            quantize_onnx(paths["student"], paths["student_int8"], cfg.quantize, layout=QDQLayout.from_target(cfg.target),
+                          target=cfg.target.name, **inputs_from_bundle(data, cfg.quantize))
             notes.append(f"student INT8: edgeus.quantize.quantize_onnx, cpu target layout, phantom calibration "
                          f"({time.perf_counter() - t0:.0f} s)")
         except Exception as e:  # keep the benchmark useful while the quantiser changes

@@ -3,7 +3,8 @@
 Part 1, full width (rsmas width 1.0, 3 classes, 1x112x112, seeded random weights: MACs and latency
 do not depend on the values): the per-layer table (ranks, MACs before/after, relative
 reconstruction error), MACs and parameters, ONNX export of both with torch parity, and the ONNX
-Runtime CPU FP32 latency of both, interleaved in one process (medians of N and their ratio).
+Runtime CPU FP32 latency of both, block-interleaved in one process by edgeus.deploy.benchmark (medians
+of N and their ratio).
 
 Part 2, accuracy on the phantom at a small width: train a small rsmas briefly on the phantom,
 decompose it to 0.5 of its MACs with the same budget mode, re-estimate BatchNorm statistics,
@@ -39,7 +40,6 @@ import copy  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import platform  # noqa: E402
-import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -53,43 +53,27 @@ sys.path.insert(0, str(ROOT))
 from edgeus.config import compose  # noqa: E402
 from edgeus.decompose import decompose_model, format_table  # noqa: E402
 from edgeus.models import create_model  # noqa: E402
+from edgeus.onnx.export import export_plain  # noqa: E402
+from edgeus.onnx.session import run_logits  # noqa: E402
 
 NAME = "decompose_rsmas"
 
 
-def export_onnx(model: torch.nn.Module, x: torch.Tensor, path: Path) -> Path:
-    model.eval()
-    torch.onnx.export(model, (x,), str(path), input_names=["image"], output_names=["logits"], opset_version=17,
-                      dynamo=False, dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
-    return path
+def interleaved_latency(paths: dict, x: np.ndarray, runs: int, threads: int, warmup: int = 5) -> dict:
+    """edgeus's one latency API (``edgeus.deploy.benchmark``): block-rotated runs in one process, medians,
+    and the median of the paired per-iteration ratios (decomposed / original)."""
+    from edgeus.deploy.benchmark import bench
+    from edgeus.deploy.config import BenchConfig
 
-
-def ort_session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def interleaved_latency(sessions: dict, x: np.ndarray, runs: int, warmup: int = 5) -> dict:
-    """Each round runs every model once, in alternating order; medians and per-round ratios."""
-    names = list(sessions)
-    feeds = {n: {s.get_inputs()[0].name: x} for n, s in sessions.items()}
-    for _ in range(warmup):
-        for n in names:
-            sessions[n].run(None, feeds[n])
-    times = {n: [] for n in names}
-    for r in range(runs):
-        order = names if r % 2 == 0 else names[::-1]
-        for n in order:
-            t = time.perf_counter()
-            sessions[n].run(None, feeds[n])
-            times[n].append((time.perf_counter() - t) * 1e3)
-    return {"ms_median": {n: statistics.median(v) for n, v in times.items()},
-            "ms_min": {n: min(v) for n, v in times.items()}, "runs": runs, "times_ms": times}
+    bcfg = BenchConfig(backend="onnxruntime", device="cpu", iters=runs, warmup=warmup, batch_sizes=[x.shape[0]],
+                       in_chans=x.shape[1], image_size=x.shape[-1], threads=threads, compare=True)
+    res = bench(list(paths.values()), bcfg, seed=0)
+    b = str(x.shape[0])
+    stats = {n: m["batches"][b] for n, m in zip(paths, res["models"])}
+    paired = res["compare"]["ratios"][0]["paired_median_speedup"]   # median of original / decomposed
+    return {"ms_median": {n: st["p50_ms"] for n, st in stats.items()},
+            "ms_min": {n: st["min_ms"] for n, st in stats.items()}, "runs": runs,
+            "block": int(bcfg.block), "median_of_round_ratios": 1.0 / paired if paired else None}
 
 
 def full_width(args) -> dict:
@@ -105,17 +89,16 @@ def full_width(args) -> dict:
     dec.eval()
     x = torch.randn(1, 1, size, size, generator=torch.Generator().manual_seed(1))
     with tempfile.TemporaryDirectory() as d:
-        paths = {"original": export_onnx(model, x, Path(d) / "original.onnx"),
-                 "decomposed": export_onnx(dec, x, Path(d) / "decomposed.onnx")}
+        paths = {"original": export_plain(model, x, Path(d) / "original.onnx"),
+                 "decomposed": export_plain(dec, x, Path(d) / "decomposed.onnx")}
         sizes = {k: p.stat().st_size for k, p in paths.items()}
-        sessions = {k: ort_session(p, args.threads) for k, p in paths.items()}
         parity = {}
         for k, m in (("original", model), ("decomposed", dec)):
             with torch.no_grad():
                 ref = m(x).numpy()
-            got = sessions[k].run(None, {"image": x.numpy()})[0]
+            got = run_logits(paths[k], x.numpy(), threads=args.threads)
             parity[k] = float(np.abs(got - ref).max())
-        lat = interleaved_latency(sessions, x.numpy(), args.runs)
+        lat = interleaved_latency(paths, x.numpy(), args.runs, args.threads)
     # the float rounding floor: the same torch model in float64 (RSMAS's SRU has a hard 0/1 gate, so
     # rounding can flip gate elements of an untrained network and move its logits visibly)
     fp64 = {}
@@ -123,8 +106,6 @@ def full_width(args) -> dict:
         with torch.no_grad():
             fp64[k] = float((m(x).double() - copy.deepcopy(m).double()(x.double())).abs().max())
     med = lat["ms_median"]
-    per_round = [b / a for a, b in zip(lat["times_ms"]["original"], lat["times_ms"]["decomposed"])]
-    lat.pop("times_ms")
     return {
         "model": "rsmas", "width": 1.0, "num_classes": 3, "input": [1, 1, size, size],
         "weights": "seeded random (untrained): MACs and latency do not depend on the values; the "
@@ -136,7 +117,6 @@ def full_width(args) -> dict:
         "onnx_parity_max_abs": parity,
         "torch_fp32_vs_fp64_max_abs": fp64,
         "latency": {**lat, "ratio_of_medians": med["decomposed"] / med["original"],
-                    "median_of_round_ratios": statistics.median(per_round),
                     "speedup": med["original"] / med["decomposed"], "ort_threads": args.threads},
     }
 
@@ -232,7 +212,7 @@ def write_md(res: dict, path: Path) -> None:
           f"| ORT CPU FP32 latency (median of {lat['runs']}) | {lat['ms_median']['original']:.2f} ms | "
           f"{lat['ms_median']['decomposed']:.2f} ms | {lat['ratio_of_medians']:.3f} ({lat['speedup']:.2f}x faster) |",
           "",
-          f"Interleaved runs in one process, ONNX Runtime intra-op threads = {lat['ort_threads']}; median of the "
+          f"Block-interleaved runs in one process (edgeus.deploy.benchmark), ONNX Runtime intra-op threads = {lat['ort_threads']}; median of the "
           f"per-round ratios {lat['median_of_round_ratios']:.3f}. ONNX parity (max |ORT - torch|): original "
           f"{fw['onnx_parity_max_abs']['original']:.2e}, decomposed {fw['onnx_parity_max_abs']['decomposed']:.2e} "
           f"(for scale, torch float32 vs float64 of the same model: {fw['torch_fp32_vs_fp64_max_abs']['original']:.2e} and "

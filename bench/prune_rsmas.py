@@ -38,12 +38,11 @@ OUT = ROOT / "bench" / "results"
 
 
 def parity(path, model, x) -> float:
-    import onnxruntime as ort
+    from edgeus.onnx.session import run_logits
 
-    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         ref = model(x).numpy()
-    return float(np.abs(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0] - ref).max())
+    return float(np.abs(run_logits(path, x.numpy(), batch=None) - ref).max())
 
 
 def main() -> int:

@@ -1,11 +1,11 @@
 """FP32 vs INT8 (ONNX Runtime CPU layout) vs INT8 (TensorRT layout) for RSMAS-Net.
 
 For each dataset (the built-in phantom; the BUSI developer split when it exists):
-a narrow RSMAS-Net is trained for a few epochs, exported (edgeus.quantize.export_onnx) and
+a narrow RSMAS-Net is trained for a few epochs, exported (edgeus.onnx.export_onnx) and
 quantised for both targets (edgeus.quantize.quantize_onnx: calibration on the train split,
 accuracy check + sensitivity fallback on val); then accuracy and per-class recall on the TEST
-split, file sizes, and ONNX Runtime CPU latency at batch 1 (interleaved runs, medians, ratios
-from one run). A full-width RSMAS-Net at 112x112 (untrained weights: latency does not depend on
+split, file sizes, and ONNX Runtime CPU latency at batch 1 (edgeus.deploy.benchmark: block-interleaved
+runs in one process, medians, ratios from one run). A full-width RSMAS-Net at 112x112 (untrained weights: latency does not depend on
 them; calibrated on phantom images) gives the latency ratios at the real model size.
 
     python bench/quantize_rsmas.py [--quick]
@@ -34,8 +34,12 @@ from edgeus.data import build_datasets, build_loaders  # noqa: E402
 from edgeus.evaluate import compute_metrics  # noqa: E402
 from edgeus.models import create_model  # noqa: E402
 from edgeus.models.profile import count_params  # noqa: E402
-from edgeus.quantize import check_tensorrt_qdq, export_onnx, quantize_onnx  # noqa: E402
-from edgeus.quantize.fallback import run_logits, softmax  # noqa: E402
+from edgeus.deploy.benchmark import latency_table  # noqa: E402
+from edgeus.deploy.config import BenchConfig  # noqa: E402
+from edgeus.onnx.export import export_with_data, target_opset  # noqa: E402
+from edgeus.onnx.session import run_logits  # noqa: E402
+from edgeus.quantize import QDQLayout, check_tensorrt_qdq, inputs_from_bundle, quantize_onnx  # noqa: E402
+from edgeus.quantize.fallback import softmax  # noqa: E402
 
 OUT = ROOT / "bench" / "results"
 WORK = ROOT / "runs" / "bench_quantize_rsmas"
@@ -52,26 +56,11 @@ def train(model, bundle, cfg, epochs: int, lr: float) -> None:
 
 
 def latency(paths: dict[str, Path], shape, iters: int, threads: int = 1) -> dict:
-    import onnxruntime as ort
-
-    sessions = {}
-    for k, p in paths.items():
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        sessions[k] = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    for s in sessions.values():
-        for _ in range(5):
-            s.run(None, {"input": x})
-    times = {k: [] for k in sessions}
-    for _ in range(iters):  # interleaved: every model sees the same machine load
-        for k, s in sessions.items():
-            t = time.perf_counter()
-            s.run(None, {"input": x})
-            times[k].append((time.perf_counter() - t) * 1e3)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    """edgeus's one latency API (block-rotated, interleaved in this process; the first model the baseline)."""
+    bcfg = BenchConfig(backend="onnxruntime", device="cpu", iters=iters, warmup=5, batch_sizes=[shape[0]],
+                       in_chans=shape[1], image_size=shape[-1], threads=threads)
+    table = latency_table({k: str(p) for k, p in paths.items()}, bcfg, seed=0)[f"batch {shape[0]}"]
+    med = {k: v["median_ms"] for k, v in table.items()}
     return {"median_ms": med, "speedup_vs_fp32": {k: med["fp32"] / v for k, v in med.items()},
             "iters": iters, "threads": threads, "batch": shape[0], "input": list(shape)}
 
@@ -95,7 +84,7 @@ def run_dataset(name: str, overrides: list[str], width: float, epochs: int, lr: 
     train(model, bundle, cfg, epochs, lr)
     t_train = time.perf_counter() - t0
     fp32 = work / "rsmas.onnx"
-    exp = export_onnx(model, fp32, cfg, bundle=bundle)
+    exp = export_with_data(model, fp32, cfg.export, bundle, target_opset=target_opset(cfg.target), seed=cfg.seed)
     paths = {"fp32": fp32}
     res = {"data": bundle.summary(), "width": width, "params": count_params(model), "epochs": epochs,
            "train_seconds": round(t_train, 1), "export_parity": exp["parity"], "models": {}}
@@ -104,7 +93,8 @@ def run_dataset(name: str, overrides: list[str], width: float, epochs: int, lr: 
     for key, target in TARGETS.items():
         qcfg = compose(overrides + [f"target={target}", "quantize.qat=false", "quantize.max_fallback_nodes=4"])
         out = work / f"rsmas.{key}.onnx"
-        r = quantize_onnx(fp32, out, qcfg, bundle, out_dir=work / f"{key}.quant")
+        r = quantize_onnx(fp32, out, qcfg.quantize, layout=QDQLayout.from_target(qcfg.target), target=target,
+                          **inputs_from_bundle(bundle, qcfg.quantize), out_dir=work / f"{key}.quant")
         m, logits = test_metrics(out, bundle)
         res["models"][key] = {
             **m, "bytes": out.stat().st_size, "top1_agreement_with_fp32": float((logits.argmax(1) == ref_logits.argmax(1)).mean()),
@@ -130,12 +120,13 @@ def full_width_latency(iters: int) -> dict:
     torch.manual_seed(0)
     model = create_model("rsmas", num_classes=3, width=1.0).eval()
     fp32 = work / "rsmas.onnx"
-    export_onnx(model, fp32, cfg, bundle=bundle)
+    export_with_data(model, fp32, cfg.export, bundle, target_opset=target_opset(cfg.target), seed=cfg.seed)
     paths = {"fp32": fp32}
     for key, target in TARGETS.items():
         out = work / f"rsmas.{key}.onnx"
-        quantize_onnx(fp32, out, compose(ov + [f"target={target}", "quantize.qat=false", "quantize.fallback=none"]),
-                      bundle, out_dir=work / f"{key}.quant")
+        qcfg = compose(ov + [f"target={target}"])
+        quantize_onnx(fp32, out, qcfg.quantize, layout=QDQLayout.from_target(qcfg.target), target=target,
+                      **inputs_from_bundle(bundle, qcfg.quantize), recovery=False, out_dir=work / f"{key}.quant")
         paths[key] = out
     return {"params": count_params(model), "bytes": {k: p.stat().st_size for k, p in paths.items()},
             "weights": "untrained (latency does not depend on the weight values); calibrated on 32 phantom images",

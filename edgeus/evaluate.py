@@ -90,20 +90,10 @@ def predict_torch(model: torch.nn.Module, loader, device: str = "cpu", transform
     return np.concatenate(labels), np.concatenate(probs)
 
 
-def onnx_session(path_or_session, threads: int | None = None):
-    import onnxruntime as ort
-
-    if not isinstance(path_or_session, (str, Path)):
-        return path_or_session
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path_or_session), so, providers=["CPUExecutionProvider"])
-
-
 def predict_onnx(path_or_session, loader, transform=None) -> tuple[np.ndarray, np.ndarray]:
-    sess = onnx_session(path_or_session)
+    from edgeus.onnx.session import session
+
+    sess = session(path_or_session)
     name = sess.get_inputs()[0].name
     labels, probs = [], []
     for batch in loader:

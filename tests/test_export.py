@@ -1,34 +1,33 @@
-"""ONNX export: opset, names, dynamic batch, simplification, checker, parity, metadata, CLI."""
+"""ONNX export: opset, names, dynamic batch, simplification, checker, parity, metadata, CLI; the one
+ONNX Runtime session helper (edgeus.onnx.session) and the metadata helpers (edgeus.onnx.metadata)."""
 from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
+from conftest import make_cfg
 
-from edgeus.config import compose
+from edgeus.errors import EdgeusError
 from edgeus.models import create_model
-from edgeus.quantize import export_onnx
-from edgeus.quantize.export import ExportParityError, read_metadata
+from edgeus.onnx.export import ExportParityError, export_onnx, export_plain, export_with_data, target_opset
+from edgeus.onnx.metadata import model_info, read_metadata
+from edgeus.onnx.session import run_logits, session
+
+PRE = {"image_size": 32, "in_chans": 1, "mean": [0.5], "std": [0.25]}
 
 
 @pytest.fixture(scope="module")
 def small():
     torch.manual_seed(0)
-    cfg = compose(["data.n_per_class=6", "data.image_size=32"])
+    cfg = make_cfg("data.n_per_class=6")
     return create_model("simple_cnn", width=0.25).eval(), cfg
-
-
-def _run(path, x):
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return sess.run(None, {"input": x.numpy()})[0]
 
 
 def test_export_graph_is_clean_and_matches_torch(small, tmp_path):
     model, cfg = small
     out = tmp_path / "m.onnx"
-    rep = export_onnx(model, out, cfg, classes=["normal", "benign", "malignant"])
+    rep = export_onnx(model, out, cfg.export, preprocessing=PRE, classes=["normal", "benign", "malignant"])
     m = onnx.load(str(out))
     onnx.checker.check_model(m, full_check=True)
     assert max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) >= 17
@@ -37,14 +36,18 @@ def test_export_graph_is_clean_and_matches_torch(small, tmp_path):
     assert "Identity" not in rep["ops"]                       # dropout's Identity removed by onnxslim
     assert rep["parity"]["passed"] and rep["parity"]["max_abs_diff"] <= 1e-3
     assert rep["parity"]["top1_agreement"] == 1.0
+    assert rep["parity"]["source"].startswith("seeded normal noise")
     for bs in (1, 5):                                         # dynamic batch really works
         x = torch.randn(bs, 1, 32, 32)
         with torch.no_grad():
-            np.testing.assert_allclose(_run(out, x), model(x).numpy(), atol=1e-4)
+            np.testing.assert_allclose(run_logits(out, x.numpy()), model(x).numpy(), atol=1e-4)
     meta = read_metadata(out)
     assert meta["edgeus.classes"] == ["normal", "benign", "malignant"]
-    assert meta["edgeus.preprocessing"]["image_size"] == 32
+    assert meta["edgeus.preprocessing"] == PRE
     assert meta["edgeus.arch"]["name"] == "simple_cnn"
+    assert "edgeus.data" not in meta                          # no fingerprint given, none invented
+    info = model_info(out)
+    assert info["classes"] == ["normal", "benign", "malignant"] and info["preprocessing"]["image_size"] == 32
 
 
 def test_parity_uses_real_images_when_data_is_given(small, tmp_path):
@@ -52,34 +55,72 @@ def test_parity_uses_real_images_when_data_is_given(small, tmp_path):
 
     model, cfg = small
     bundle = build_datasets(cfg.data)
-    rep = export_onnx(model, tmp_path / "m.onnx", cfg, bundle=bundle)
+    rep = export_with_data(model, tmp_path / "m.onnx", cfg.export, bundle, data={"dataset": "phantom"})
     assert rep["parity"]["source"].startswith("val split")
     assert rep["parity"]["n"] == min(len(bundle.val), cfg.export.parity_samples)
+    meta = read_metadata(tmp_path / "m.onnx")
+    assert meta["edgeus.classes"] == bundle.classes and meta["edgeus.data"] == {"dataset": "phantom"}
 
 
 def test_parity_loss_fails_loudly(small, tmp_path):
     model, _ = small
-    cfg = compose(["data.image_size=32", "export.atol=-1.0"])   # no export can meet a negative tolerance
+    cfg = make_cfg("export.atol=-1.0")   # no export can meet a negative tolerance
     with pytest.raises(ExportParityError, match="parity lost"):
-        export_onnx(model, tmp_path / "m.onnx", cfg)
+        export_onnx(model, tmp_path / "m.onnx", cfg.export, preprocessing=PRE)
 
 
 def test_opset_below_13_is_refused(small, tmp_path):
-    from edgeus.errors import EdgeusError
-
     model, _ = small
-    cfg = compose(["data.image_size=32", "export.opset=12"])
-    cfg.target.quant = {}                     # no target opset to raise it
+    cfg = make_cfg("export.opset=12")
     with pytest.raises(EdgeusError, match="opset"):
-        export_onnx(model, tmp_path / "m.onnx", cfg)
+        export_onnx(model, tmp_path / "m.onnx", cfg.export, preprocessing=PRE, target_opset=None)
 
 
 def test_target_opset_raises_export_opset(small, tmp_path):
     model, _ = small
-    cfg = compose(["data.image_size=32", "export.opset=17"])
+    cfg = make_cfg("export.opset=17")
     cfg.target.quant = {"opset": 18}
-    rep = export_onnx(model, tmp_path / "m.onnx", cfg)
+    rep = export_onnx(model, tmp_path / "m.onnx", cfg.export, preprocessing=PRE, target_opset=target_opset(cfg.target))
     assert rep["opset"] == 18
+
+
+def test_a_bad_target_opset_is_an_error_not_ignored():
+    cfg = make_cfg()
+    cfg.target.quant = {"opset": "seventeen"}
+    with pytest.raises(EdgeusError, match="quant.opset='seventeen'"):
+        target_opset(cfg.target)
+    cfg.target.quant = {}
+    assert target_opset(cfg.target) is None
+
+
+def test_export_needs_the_models_preprocessing(small, tmp_path):
+    model, cfg = small
+    with pytest.raises(EdgeusError, match="preprocessing"):
+        export_onnx(model, tmp_path / "m.onnx", cfg.export, preprocessing={})
+
+
+def test_session_and_run_logits(small, tmp_path):
+    model, _ = small
+    x = torch.randn(3, 1, 32, 32)
+    path = export_plain(model, x[:1], tmp_path / "p.onnx", input_name="input")
+    one = run_logits(path, x[:1].numpy().astype(np.float64))            # cast to float32
+    sess = session(path, threads=1)
+    assert session(sess) is sess                                         # a session passes through
+    assert run_logits(sess, x[:1].numpy(), batch=None).shape == one.shape == (1, 3)
+    with pytest.raises(EdgeusError, match="not found"):
+        session(tmp_path / "missing.onnx")
+    with pytest.raises(EdgeusError, match="cannot load"):
+        session(b"not an onnx model")
+    with pytest.raises(EdgeusError, match="optimization"):
+        session(path, optimization="max")
+
+
+def test_only_edgeus_onnx_session_constructs_inference_sessions():
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "edgeus"
+    hits = sorted(str(p.relative_to(root)) for p in root.rglob("*.py") if "InferenceSession(" in p.read_text())
+    assert hits == ["onnx/session.py"]
 
 
 def test_export_command_from_checkpoint(small, tmp_path, capsys):
@@ -87,9 +128,9 @@ def test_export_command_from_checkpoint(small, tmp_path, capsys):
     from edgeus.train.checkpoint import save_checkpoint
 
     model, _ = small
-    ckpt = save_checkpoint(tmp_path / "s.pt", model, classes=["normal", "benign", "malignant"],
-                           preprocessing={"image_size": 32, "in_chans": 1, "mean": [0.5], "std": [0.25]})
+    ckpt = save_checkpoint(tmp_path / "s.pt", model, classes=["normal", "benign", "malignant"], preprocessing=PRE)
     rc = main(["export", str(ckpt), "data.n_per_class=6"])
     assert rc == 0
     assert (tmp_path / "s.onnx").is_file() and (tmp_path / "s.export.json").is_file()
     assert "parity vs torch on val split" in capsys.readouterr().out
+    assert model_info(tmp_path / "s.onnx")["classes"] == ["normal", "benign", "malignant"]

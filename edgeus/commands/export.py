@@ -19,10 +19,10 @@ USAGE = "<checkpoint.pt> [export.path=out.onnx] [export.opset=17] [key=value ...
 def run(cfg, args):
     from edgeus.commands.common import checkpoint_argument
     from edgeus.errors import EdgeusError
-    from edgeus.quantize.export import export_onnx
+    from edgeus.onnx.export import export_onnx, parity_sample, target_opset
 
     ckpt_path, model, ckpt = checkpoint_argument(cfg, args, "export")
-    pre, classes = ckpt.get("preprocessing") or {}, list(ckpt.get("classes") or [])
+    pre, classes = dict(ckpt.get("preprocessing") or {}), list(ckpt.get("classes") or [])
     bundle = None
     try:  # real inputs for the parity check; export still works without data
         from edgeus.data import build_datasets
@@ -30,8 +30,17 @@ def run(cfg, args):
         bundle = build_datasets(cfg.data)
     except EdgeusError as e:
         print(f"edgeus export: no data for the parity check ({e}); using seeded noise")
+    if bundle is not None:
+        classes, pre = classes or list(bundle.classes), pre or dict(bundle.preprocessing)
+    if not pre:
+        arch = getattr(model, "edgeus_arch", {}) or {}
+        pre = {"image_size": int(cfg.data.image_size), "in_chans": int(arch.get("in_chans") or cfg.data.in_chans),
+               "mean": [float(v) for v in cfg.data.mean], "std": [float(v) for v in cfg.data.std]}
+    sample, source = parity_sample(bundle.val, int(cfg.export.parity_samples)) if bundle is not None else (None, None)
     out = Path(cfg.export.path or cfg.out or ckpt_path.with_suffix(".onnx"))
-    report = export_onnx(model, out, cfg, classes=classes or None, preprocessing=pre or None, bundle=bundle)
+    report = export_onnx(model, out, cfg.export, preprocessing=pre, classes=classes or None, sample=sample,
+                         sample_source=source, target_opset=target_opset(cfg.target), seed=int(cfg.seed),
+                         data=ckpt.get("data"))
     out.with_suffix(".export.json").write_text(json.dumps(report, indent=2))
     p = report["parity"]
     print(f"wrote {out} ({report['bytes'] / 1e6:.2f} MB, opset {report['opset']}, {report['nodes']} nodes, "

@@ -1,21 +1,11 @@
-"""MACs of convolutions and linears by formula, counted the way ``edgeus.models.profile.count_macs``
-(torch-pruning's op counter) counts them, so the planner's numbers match the measured ones exactly.
-
-torch-pruning counts a convolution as ``kh*kw * C_in * (C_out/groups) * H_out*W_out`` plus
-``C_out * H_out*W_out`` for a bias, and a linear as ``positions * in * out`` plus ``out`` for a bias.
+"""MACs of decomposed layers by formula, composed from :func:`edgeus.models.profile.conv_macs` and
+:func:`~edgeus.models.profile.linear_macs` — the formulas of edgeus's one MACs counter
+(:func:`edgeus.models.profile.count_macs`, torch-pruning's op counter) — so the rank planner's
+numbers match the measured ones exactly.
 """
 from __future__ import annotations
 
-
-def conv_macs(c_in: int, c_out: int, kernel: tuple[int, int], out_hw: tuple[int, int], *,
-              groups: int = 1, bias: bool = False) -> int:
-    hw = int(out_hw[0]) * int(out_hw[1])
-    macs = int(kernel[0]) * int(kernel[1]) * int(c_in) * (int(c_out) // int(groups)) * hw
-    return macs + (int(c_out) * hw if bias else 0)
-
-
-def linear_macs(in_features: int, out_features: int, positions: int = 1, *, bias: bool = False) -> int:
-    return int(positions) * int(in_features) * int(out_features) + (int(out_features) if bias else 0)
+from edgeus.models.profile import conv_macs, linear_macs
 
 
 def tucker2_macs(c_in: int, c_out: int, r_in: int, r_out: int, kernel: tuple[int, int],
@@ -47,3 +37,6 @@ def svd_conv_macs(c_in: int, c_out: int, rank: int, out_hw: tuple[int, int], *, 
 def svd_linear_macs(in_features: int, out_features: int, rank: int, positions: int = 1, *,
                     bias: bool = False) -> int:
     return linear_macs(in_features, rank, positions) + linear_macs(rank, out_features, positions, bias=bias)
+
+
+__all__ = ["conv_macs", "linear_macs", "tucker2_macs", "svd_conv_macs", "svd_linear_macs"]

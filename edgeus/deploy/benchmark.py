@@ -104,12 +104,21 @@ def _input_for(runner: BaseRunner, batch: int, bcfg, rng) -> tuple[dict[str, np.
     return feed, None
 
 
-def bench(paths: list, cfg, *, out: str | Path | None = None) -> dict[str, Any]:
-    """Benchmark the models at ``paths`` with ``cfg.bench``; compare (ratios) when 2+ models are given.
+def _section(cfg, seed: int | None) -> tuple[Any, int]:
+    """(bench section, seed) from a bench section, or from an object with ``.bench`` (and ``.seed``)."""
+    if hasattr(cfg, "bench") and not hasattr(cfg, "iters"):
+        return cfg.bench, int(seed if seed is not None else (getattr(cfg, "seed", 0) or 0))
+    return cfg, int(seed or 0)
 
-    Writes ``out`` (JSON) and ``out`` with suffix ``.md`` when ``out`` is given. Returns the results.
+
+def bench(paths: list, cfg, *, out: str | Path | None = None, seed: int | None = None) -> dict[str, Any]:
+    """Benchmark the models at ``paths``; compare (ratios) when 2+ models are given.
+
+    ``cfg``: the ``bench`` section (:class:`edgeus.deploy.config.BenchConfig`), or an object holding it
+    as ``.bench`` and the seed as ``.seed``; ``seed`` draws the random inputs. Writes ``out`` (JSON) and
+    ``out`` with suffix ``.md`` when ``out`` is given. Returns the results.
     """
-    bcfg = cfg.bench
+    bcfg, seed = _section(cfg, seed)
     paths = [Path(p) for p in paths]
     if not paths:
         raise EdgeusError("bench needs at least one model path (.onnx, .pt or .engine)")
@@ -130,7 +139,7 @@ def bench(paths: list, cfg, *, out: str | Path | None = None) -> dict[str, Any]:
     cs = env.get("clock_state")
     if cs and cs.get("warning"):
         warnings.append(cs["warning"])
-    rng = np.random.default_rng(int(getattr(cfg, "seed", 0) or 0))
+    rng = np.random.default_rng(seed)
     models = [{"name": r.name, "path": str(p), "batches": {}} for r, p in zip(runners, paths)]
     paired: dict[tuple[int, int], list[float]] = {}
 
@@ -198,6 +207,25 @@ def bench(paths: list, cfg, *, out: str | Path | None = None) -> dict[str, Any]:
     if out:
         write_results(results, out, markdown=bool(getattr(bcfg, "markdown", True)))
     return results
+
+
+def latency_table(models: dict[str, str | Path], cfg, *, seed: int | None = None,
+                  out: str | Path | None = None) -> dict[str, dict[str, dict]]:
+    """Latency of ``models`` ({label: path}) with :func:`bench`, block-interleaved in one process (compare
+    mode when two or more), the first model the baseline. ``cfg``: as for :func:`bench`.
+
+    Returns ``{"batch N": {label: {median_ms, p90_ms, p99_ms, speedup, bytes}}}``; ``speedup`` is the
+    first model's median over this one's. The ledger, the bench stage and the bench scripts use this.
+    """
+    res = bench(list(models.values()), cfg, out=out, seed=seed)
+    table: dict = {}
+    for label, m in zip(models, res["models"]):
+        for b, st in m["batches"].items():
+            base = res["models"][0]["batches"][b]["p50_ms"]
+            table.setdefault(f"batch {b}", {})[label] = {
+                "median_ms": st["p50_ms"], "p90_ms": st["p90_ms"], "p99_ms": st["p99_ms"],
+                "speedup": base / st["p50_ms"], "bytes": Path(models[label]).stat().st_size}
+    return table
 
 
 def _power(runners, feeds, active, b, bcfg, models) -> None:

@@ -17,8 +17,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edgeus.deploy.versions import lower_bound
 
 # Operators the TensorRT 10 ONNX parser supports (onnx-tensorrt docs/operators.md, "Supported: Y").
@@ -253,7 +251,3 @@ def check_onnx(model_or_path, target=None, *, check_qdq: bool | None = None) -> 
                 report.error(f"Q/DQ: {problem}")
             report.qdq_checked = True
     return report
-
-
-def onnx_dtype_to_numpy(dtype: str):
-    return np.dtype({"bfloat16": "float32"}.get(dtype, dtype))

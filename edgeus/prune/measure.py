@@ -1,4 +1,8 @@
-"""Dense-runtime checks: ONNX export of two models and their ONNX Runtime CPU latency."""
+"""Dense-runtime checks: the ONNX Runtime CPU latency of two models (does sparsity buy speed?).
+
+Export through :func:`edgeus.onnx.export.export_plain` and timing through
+:func:`edgeus.deploy.benchmark.latency_table`, edgeus's one latency API.
+"""
 from __future__ import annotations
 
 import tempfile
@@ -7,29 +11,20 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-
-def export(model: nn.Module, example: torch.Tensor, path: str | Path, opset: int = 17) -> Path:
-    """Plain TorchScript-based ONNX export (edgeus.quantize.export_onnx adds simplification and checks)."""
-    model = model.eval()
-    with torch.no_grad():
-        torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],
-                          opset_version=opset, dynamo=False)
-    return Path(path)
+from edgeus.onnx.export import export_plain as export  # noqa: F401  (kept for callers of edgeus.prune.measure.export)
 
 
 def latency_ratio(paths: dict[str, str | Path], example: torch.Tensor, runs: int = 30, warmup: int = 5,
                   threads: int = 0) -> dict:
-    """Median ONNX Runtime CPU latency (ms) of each model, timed with ``edgeus.deploy.bench`` in one
+    """Median ONNX Runtime CPU latency (ms) of each model, timed with ``edgeus.deploy.benchmark`` in one
     process (block-interleaved, see its docstring). Returns ``{"ms": {name: median}, "runs": runs}``."""
-    from edgeus.config import compose
-    from edgeus.deploy import bench
+    from edgeus.deploy.benchmark import latency_table
+    from edgeus.deploy.config import BenchConfig
 
-    cfg = compose([f"bench.iters={runs}", f"bench.warmup={warmup}", "bench.backend=onnxruntime",
-                   "bench.device=cpu", f"bench.image_size={example.shape[-1]}", f"bench.in_chans={example.shape[1]}",
-                   f"bench.batch_sizes=[{example.shape[0]}]"] + ([f"bench.threads={threads}"] if threads else []))
-    res = bench(list(paths.values()), cfg)
-    ms = {k: round(m["batches"][str(example.shape[0])]["p50_ms"], 4) for k, m in zip(paths, res["models"])}
-    return {"ms": ms, "runs": runs}
+    bcfg = BenchConfig(backend="onnxruntime", device="cpu", iters=runs, warmup=warmup, image_size=example.shape[-1],
+                       in_chans=example.shape[1], batch_sizes=[example.shape[0]], threads=threads or None)
+    table = latency_table(dict(paths), bcfg, seed=0)[f"batch {example.shape[0]}"]
+    return {"ms": {k: round(v["median_ms"], 4) for k, v in table.items()}, "runs": runs}
 
 
 def dense_latency_ratio(before: nn.Module, after: nn.Module, example: torch.Tensor, runs: int = 20) -> dict:

@@ -1,4 +1,7 @@
-"""ONNX Runtime runner: CPU, and the CUDA / TensorRT execution providers when installed."""
+"""ONNX Runtime runner: CPU, and the CUDA / TensorRT execution providers when installed.
+
+The session comes from :func:`edgeus.onnx.session.session` (the one place that constructs one).
+"""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -46,20 +49,13 @@ class OnnxrtRunner(BaseRunner):
         self.providers: list[str] = []
 
     def activate_impl(self) -> None:
-        import onnxruntime as ort
+        from edgeus.onnx.session import session
 
         if not self.path.is_file():
             raise EdgeusError(f"ONNX model not found: {self.path}")
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if self.threads:
-            opts.intra_op_num_threads = int(self.threads)
-            opts.inter_op_num_threads = 1
         providers = choose_providers(self.device, self.requested_providers)
-        try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
-        except Exception as e:
-            raise EdgeusError(f"onnxruntime cannot load {self.path}: {str(e).splitlines()[0]}") from None
+        self.session = session(self.path, threads=self.threads, inter_threads=1 if self.threads else None,
+                               providers=providers)
         self.providers = self.session.get_providers()
 
     def input_metadata_impl(self) -> TensorMeta:
