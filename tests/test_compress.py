@@ -8,13 +8,14 @@ import time
 
 import pytest
 
-from edgeus.config import compose
+from conftest import TINY as BASE, make_cfg
+
 from edgeus.errors import GateError
 from edgeus.pipeline import compress
 
-TINY = ["recipe=rsmas_int8", "model.name=simple_cnn", "model.width=0.25", "data.n_per_class=24",
-        "data.image_size=32", "data.phantom_size=64", "train.epochs=3", "train.lr=0.003",
-        "prune.finetune_epochs=1", "decompose.finetune_epochs=1", "compress.latency_iters=5",
+# the conftest's tiny phantom settings, then the recipe and what the compress tests change
+TINY = [*BASE, "recipe=rsmas_int8", "model.name=simple_cnn", "data.batch_size=32", "train.epochs=3",
+        "train.lr=0.003", "prune.finetune_epochs=1", "decompose.finetune_epochs=1", "compress.latency_iters=5",
         "quantize.qat=false", "seed=0"]
 
 
@@ -24,12 +25,13 @@ def tiny_run(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(base)                      # a relative out= as a user types it
     try:
-        result = compress(compose(TINY + ["out=run", "gates.enforce=false"]))
+        result = compress(make_cfg(*TINY, "out=run", "gates.enforce=false", tiny=False))
     finally:
         os.chdir(cwd)
     return base / "run", result
 
 
+@pytest.mark.slow
 def test_every_stage_leaves_its_artifacts_and_a_ledger_row(tiny_run):
     out, result = tiny_run
     ledger = json.loads((out / "ledger.json").read_text())
@@ -48,6 +50,7 @@ def test_every_stage_leaves_its_artifacts_and_a_ledger_row(tiny_run):
     assert (out / "config.yaml").is_file() and (out / "ledger.md").read_text().startswith("| stage")
 
 
+@pytest.mark.slow
 def test_report_and_robustness(tiny_run):
     out, result = tiny_run
     html = (out / "report.html").read_text()
@@ -58,6 +61,7 @@ def test_report_and_robustness(tiny_run):
     assert len(rob["student"]["blur"]) == 3
 
 
+@pytest.mark.slow
 def test_bundle_verifies(tiny_run):
     from edgeus.deploy import verify
 
@@ -65,20 +69,33 @@ def test_bundle_verifies(tiny_run):
     assert result["bundle"] and verify(result["bundle"])["ok"]
 
 
-def test_failed_gate_names_stage_and_metric_and_keeps_artifacts(tmp_path):
-    cfg = compose(TINY + [f"out={tmp_path / 'g'}", "recipe.stages=[teacher,prune]", "gates.max_ece_rise=-1.0",
-                          "compress.robustness=false"])
-    with pytest.raises(GateError, match="stage prune: ECE rise"):
+def always_fail_ece(monkeypatch):
+    """Make the ECE gate fail whatever the student does (a negative tolerance is refused at compose)."""
+    from omegaconf import OmegaConf
+
+    from edgeus.pipeline import gates as G
+
+    real = G.check
+    monkeypatch.setattr(G, "check", lambda stage, t, s, gates, classes, *a, **k: real(
+        stage, t, s, OmegaConf.merge(gates, {"max_ece_rise": -1.0}), classes, *a, **k))
+
+
+def test_failed_gate_names_stage_and_metric_and_keeps_artifacts(tmp_path, monkeypatch):
+    always_fail_ece(monkeypatch)
+    cfg = make_cfg(*TINY, f"out={tmp_path / 'g'}", "recipe.stages=[teacher,prune]", "compress.robustness=false",
+                   tiny=False)
+    with pytest.raises(GateError, match="prune: ECE"):
         compress(cfg)
     assert (tmp_path / "g" / "01-prune" / "model.pt").is_file() and (tmp_path / "g" / "report.html").is_file()
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_ledger(tmp_path):
     args = TINY + ["recipe.stages=[teacher,prune,decompose,export,quantize]", "compress.robustness=false",
                    "compress.report=false", "compress.baseline_int8=false", "gates.enforce=false",
                    "prune.finetune_epochs=6"]
     ref = tmp_path / "ref"
-    compress(compose(args + [f"out={ref}"]))
+    compress(make_cfg(*args, f"out={ref}", tiny=False))
 
     run = tmp_path / "killed"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -107,6 +124,7 @@ def test_killed_run_resumes_to_the_same_ledger(tmp_path):
     assert key(run) == key(ref)
 
 
+@pytest.mark.slow
 def test_readme_main_command_passes_its_gates_and_its_bundle_verifies(tmp_path):
     """The README's main command exactly as a user types it (full quick profile, about 2 minutes on 2 cores).
 
@@ -138,21 +156,21 @@ def test_every_recipe_composes_with_its_profiles(name):
 
     assert name in resources.list_options("recipes")
     for extra in ([], ["profile=full"], ["target=jetson_orin_nano"]):
-        cfg = compose([f"recipe={name}", *extra])
+        cfg = make_cfg(f"recipe={name}", *extra, tiny=False)
         assert cfg.recipe.name == name and set(cfg.recipe.stages) <= set(STAGES)
         assert cfg.model.name in list_models()
         if cfg.distill.student:
             assert cfg.distill.student in list_models()
 
 
+@pytest.mark.slow
 def test_distillation_recipe_trains_a_student_of_another_architecture(tmp_path):
-    cfg = compose(["recipe=dsc_sta_student_int8", "model.name=simple_cnn", "model.width=0.25",
-                   "data.n_per_class=12", "data.image_size=32", "data.phantom_size=64", "train.epochs=1",
-                   "distill.epochs=1", "distill.student=dsc_sta", "recipe.stages=[teacher,distill]",
-                   "compress.robustness=false", "compress.latency_iters=3", "gates.enforce=false", f"out={tmp_path}"])
+    cfg = make_cfg("recipe=dsc_sta_student_int8", "model.name=simple_cnn", "data.n_per_class=12", "distill.epochs=1",
+                   "distill.student=dsc_sta", "recipe.stages=[teacher,distill]", "compress.robustness=false",
+                   "compress.latency_iters=3", "gates.enforce=false", f"out={tmp_path / 'd'}")
     compress(cfg)
-    rows = {r["stage"]: r for r in json.loads((tmp_path / "ledger.json").read_text())["rows"]}
+    rows = {r["stage"]: r for r in json.loads((tmp_path / "d" / "ledger.json").read_text())["rows"]}
     from edgeus.train.checkpoint import read_checkpoint
 
-    assert read_checkpoint(tmp_path / "01-distill" / "model.pt")["arch"]["name"] == "dsc_sta"
+    assert read_checkpoint(tmp_path / "d" / "01-distill" / "model.pt")["arch"]["name"] == "dsc_sta"
     assert rows["distill"]["params"] != rows["teacher"]["params"]

@@ -42,3 +42,12 @@ def test_unknown_group_options_list_the_valid_ones():
 
 def test_split_args_keeps_positionals_apart():
     assert split_args(["a.pt", "x=1", "b.onnx", "y.z=2"]) == (["a.pt", "b.onnx"], ["x=1", "y.z=2"])
+
+
+def test_importing_config_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, edgeus.config; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr

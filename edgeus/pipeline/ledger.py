@@ -49,7 +49,8 @@ def markdown(rows: list[dict], classes: list[str], critical: str | None = None) 
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         m = r.get("metrics") or {}
-        cells = [r["stage"], f"{r['params'] / 1e6:.3f} M" if r.get("params") is not None else "–",
+        stage = f"{r['stage']} (skipped: {r['skipped']})" if r.get("skipped") else r["stage"]
+        cells = [stage, f"{r['params'] / 1e6:.3f} M" if r.get("params") is not None else "–",
                  f"{r['macs'] / 1e6:.1f} M" if r.get("macs") is not None else "–", _size(r.get("bytes")),
                  _fmt(r.get("latency_ms"), ".2f"), _fmt(r.get("speedup"), ".2f") + ("×" if r.get("speedup") else ""),
                  _fmt(m.get("accuracy")), _fmt(m.get("macro_f1")), _fmt(m.get("auc")), _fmt(m.get("ece"))]
