@@ -5,9 +5,12 @@
     edgeus bench student.pt bench.backend=torch bench.device=cuda bench.fp16=true
 
 Backends by file: .onnx -> onnxruntime (CPU; CUDA/TensorRT providers with bench.device=cuda),
-.pt (edgeus checkpoint) -> torch (bench.device=cpu|cuda, bench.fp16), .engine -> TensorRT (pycuda).
-Warm-up, bench.iters timed iterations, p50/p90/p99/mean latency and throughput per batch size,
+.pt (edgeus checkpoint) -> torch (bench.device=cpu|cuda, bench.fp16), .engine -> TensorRT (cuda-python).
+Warm-up, bench.iters timed iterations (TensorRT engines: by time, as trtexec: >= 200 ms warm-up, >= 3 s
+and up to 1000 runs, with the engine's GPU time from CUDA events beside the host time),
+p50/p90/mean latency (p99 only from >= 1000 samples) and synchronous throughput per batch size,
 memory; on a Jetson, power and energy per inference from tegrastats and the nvpmodel/clock state.
+A batch outside an engine's optimisation profile is skipped with a warning saying so.
 Compare mode runs the models in rotated blocks of bench.block calls in one process and reports speedups against the
 first model. out=<file.json> writes JSON and a markdown table (<file>.md).
 """

@@ -12,6 +12,14 @@ next session's threads found the cores busy (on 2 cores a full-width RSMAS-Net t
 interleaved call by call against 9.3 ms alone), and a large model between two calls of a small one
 evicts the small one's weights from the caches. A block runs each model as a device would, back to
 back, and the rotation still spreads slow drifts of the machine over all models.
+
+GPU runners (TensorRT; ``runner.time_plan`` set) are timed as ``trtexec`` times: warm-up by time
+(>= 200 ms) and, in single mode, measurement by time (>= 3 s, continued up to 1000 runs); no pause
+before their blocks (a pause lets a GPU, a Jetson's above all, clock down); the engine's GPU time
+from CUDA events is reported beside the host end-to-end time. Everywhere: p99 only from >= 1000
+samples (else None with a note); throughput is synchronous (batch / mean latency).
+
+:func:`latency_table` is edgeus's one latency API for the ledger, the bench stage and bench/*.py.
 """
 from __future__ import annotations
 
@@ -28,20 +36,32 @@ from typing import Any
 import numpy as np
 
 from edgeus.deploy.runners import make_runner
+from edgeus.deploy.runners.base import SETTLE_S as BASE_SETTLE_S
 from edgeus.deploy.runners.base import BaseRunner
+from edgeus.deploy.runners.trt import percentile_if_enough, run_plan
 from edgeus.errors import EdgeusError
 
 log = logging.getLogger(__name__)
 SCHEMA = "edgeus-bench/1"
-SETTLE_S = 0.05   # compare mode: pause before each block (ONNX Runtime's threads spin ~ms after a call)
+SETTLE_S = BASE_SETTLE_S   # compare mode, CPU runners: pause before each block (a runner's settle_s; 0 on GPUs)
 
 
-def latency_stats(seconds: list[float], batch: int) -> dict[str, float]:
+def latency_stats(seconds: list[float], batch: int) -> dict[str, Any]:
+    """p50 / p90 / mean / std / min in ms and throughput; p99 only from >= 1000 samples (else None and a note).
+
+    Throughput is synchronous: batch / mean latency with one inference in flight (not a pipelined
+    throughput such as trtexec's, which overlaps copies and enqueues).
+    """
     ms = np.asarray(seconds, dtype=np.float64) * 1e3
     mean = float(ms.mean())
-    return {"n": int(ms.size), "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": mean, "std_ms": float(ms.std()),
-            "min_ms": float(ms.min()), "throughput_ips": float(batch * 1e3 / mean) if mean > 0 else float("nan")}
+    p99, why = percentile_if_enough(ms, 99)
+    out = {"n": int(ms.size), "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
+           "p99_ms": p99, "mean_ms": mean, "std_ms": float(ms.std()),
+           "min_ms": float(ms.min()), "throughput_ips": float(batch * 1e3 / mean) if mean > 0 else float("nan"),
+           "throughput_kind": "synchronous"}
+    if why:
+        out["p99_note"] = why
+    return out
 
 
 def environment() -> dict[str, Any]:
@@ -101,6 +121,9 @@ def _input_for(runner: BaseRunner, batch: int, bcfg, rng) -> tuple[dict[str, np.
                 raise EdgeusError(f"{runner.name}: input {name} dimension {i} is dynamic; set bench.image_size "
                                   "and bench.in_chans")
         feed[name] = rng.standard_normal(dims).astype(dtype or np.float32)
+    why = runner.batch_problem({k: v.shape for k, v in feed.items()})
+    if why:
+        return None, f"batch {batch} skipped: {why}"
     return feed, None
 
 
@@ -159,30 +182,48 @@ def bench(paths: list, cfg, *, out: str | Path | None = None, seed: int | None =
             if not active:
                 continue
             for i in active:
-                for _ in range(int(bcfg.warmup)):
-                    runners[i].infer(feeds[i], check_inputs=False)
-                runners[i].infer(feeds[i], check_inputs=True)   # one checked call
+                r, f = runners[i], feeds[i]
+                if r.time_plan is not None:   # GPU runners: warm up by time, as trtexec does
+                    run_plan(lambda: r.infer(f, check_inputs=False), r.time_plan)
+                else:
+                    for _ in range(int(bcfg.warmup)):
+                        r.infer(f, check_inputs=False)
+                r.infer(f, check_inputs=True)   # one checked call
             times: dict[int, list[float]] = {i: [] for i in active}
+            gpu: dict[int, list[float]] = {i: [] for i in active}
+
+            def timed(i: int) -> float:
+                runners[i].infer(feeds[i], check_inputs=False)
+                times[i].append(runners[i].last_inference_time)
+                if runners[i].last_gpu_time is not None:
+                    gpu[i].append(runners[i].last_gpu_time)
+                return runners[i].last_inference_time
+
             if compare:
                 block = max(1, int(bcfg.block))
                 for j, start in enumerate(range(0, int(bcfg.iters), block)):
                     k = j % len(active)
                     for i in active[k:] + active[:k]:       # rotate the order every block
-                        time.sleep(SETTLE_S)                # the last model's spinning threads go idle
+                        if runners[i].settle_s:
+                            time.sleep(runners[i].settle_s)  # the last model's spinning threads go idle
                         runners[i].infer(feeds[i], check_inputs=False)   # and its caches warm: not timed
                         for _ in range(min(block, int(bcfg.iters) - start)):
-                            runners[i].infer(feeds[i], check_inputs=False)
-                            times[i].append(runners[i].last_inference_time)
+                            timed(i)
                         runners[i].sample_memory()
             else:
                 for i in active:
+                    if runners[i].time_plan is not None:    # measured by time (>= 3 s, up to 1000 runs)
+                        run_plan(lambda i=i: timed(i), runners[i].time_plan)
+                        runners[i].sample_memory()
+                        continue
                     for it in range(int(bcfg.iters)):
-                        runners[i].infer(feeds[i], check_inputs=False)
-                        times[i].append(runners[i].last_inference_time)
+                        timed(i)
                         if it % 10 == 0:
                             runners[i].sample_memory()
             for i in active:
                 models[i]["batches"][str(b)] = latency_stats(times[i], b)
+                if gpu[i]:   # device time of the engine alone (CUDA events), beside host end-to-end time
+                    models[i]["batches"][str(b)]["gpu"] = latency_stats(gpu[i], b)
             if compare and active and active[0] == 0:
                 base = np.asarray(times[0])
                 for i in active[1:]:
@@ -272,7 +313,7 @@ def to_markdown(results: dict[str, Any]) -> str:
              f"- onnxruntime {env.get('onnxruntime', '-')}" + (f", torch {env['torch']}" if env.get("torch") else ""),
              "- settings: " + ", ".join(f"{k}={v}" for k, v in results["settings"].items()), ""]
     comp = {(r["model"], r["batch"]): r for r in results.get("compare", {}).get("ratios", [])}
-    head = "| model | backend | batch | p50 ms | p90 ms | p99 ms | mean ms | img/s |"
+    head = "| model | backend | batch | p50 ms | p90 ms | p99 ms | mean ms | img/s (sync) |"
     sep = "|---|---|---:|---:|---:|---:|---:|---:|"
     if comp or results["mode"] == "compare":
         head += " speedup (p50) | paired speedup |"
@@ -281,7 +322,7 @@ def to_markdown(results: dict[str, Any]) -> str:
     for m in results["models"]:
         for b, st in m["batches"].items():
             row = (f"| {m['name']} | {m.get('backend', '')} | {b} | {st['p50_ms']:.3f} | {st['p90_ms']:.3f} | "
-                   f"{st['p99_ms']:.3f} | {st['mean_ms']:.3f} | {st['throughput_ips']:.1f} |")
+                   f"{_ms(st['p99_ms'])} | {st['mean_ms']:.3f} | {st['throughput_ips']:.1f} |")
             if results["mode"] == "compare":
                 r = comp.get((m["name"], int(b)))
                 if r:
@@ -290,6 +331,15 @@ def to_markdown(results: dict[str, Any]) -> str:
                 else:
                     row += " 1.00x (baseline) | - |"
             lines.append(row)
+    gpu = [(m["name"], b, st["p50_ms"], st["gpu"]) for m in results["models"] for b, st in m["batches"].items()
+           if st.get("gpu")]
+    if gpu:
+        lines += ["", "| model | batch | host end-to-end p50 ms | GPU (CUDA events) p50 ms | GPU p99 ms | samples |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {n} | {b} | {h:.3f} | {g['p50_ms']:.3f} | {_ms(g['p99_ms'])} | {g['n']} |" for n, b, h, g in gpu]
+    notes = sorted({st["p99_note"] for m in results["models"] for st in m["batches"].values() if st.get("p99_note")})
+    lines += ["", "Throughput is synchronous: batch / mean latency with one inference in flight."
+              + (" p99 is reported only from >= 1000 samples (" + "; ".join(notes) + ")." if notes else "")]
     mem = [(m["name"], m.get("memory", {})) for m in results["models"]]
     if any(v for _, v in mem):
         lines += ["", "| model | memory |", "|---|---|"]
@@ -301,6 +351,10 @@ def to_markdown(results: dict[str, Any]) -> str:
     if results.get("warnings"):
         lines += [""] + [f"> warning: {w}" for w in results["warnings"]]
     return "\n".join(lines) + "\n"
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
 
 
 def write_results(results: dict[str, Any], out: str | Path, *, markdown: bool = True) -> tuple[Path, Path | None]:

@@ -43,8 +43,14 @@ def peak_rss_mb() -> float | None:
         return None
 
 
+SETTLE_S = 0.05   # CPU runners in compare mode: pause before each block (ONNX Runtime's threads spin ~ms after a call)
+
+
 class BaseRunner:
     backend = "base"
+    settle_s: float = SETTLE_S   # edgeus bench pauses this long before a timed block (0 for GPU runners)
+    time_plan = None             # a TimePlan: edgeus bench warms up and measures by time (GPU runners)
+    last_gpu_time: float | None = None   # seconds of device time of the last infer(), where the backend knows it
 
     def __init__(self, name: str | None = None):
         self.name = name or self.backend
@@ -109,6 +115,10 @@ class BaseRunner:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "backend": self.backend}
+
+    def batch_problem(self, feed_shapes: dict) -> str | None:
+        """Why inputs of these shapes cannot run on this model (e.g. outside an engine's profile), or None."""
+        return None
 
     # ------------------------------------------------------------------ to override
     def activate_impl(self) -> None:

@@ -43,6 +43,7 @@ class OnnxrtRunner(BaseRunner):
         super().__init__(name or Path(path).name)
         self.path = Path(path)
         self.device = device
+        self.settle_s = 0.0 if device.startswith("cuda") else self.settle_s   # no pause that lets a GPU clock down
         self.requested_providers = providers
         self.threads = threads
         self.session = None

@@ -21,6 +21,7 @@ class TorchRunner(BaseRunner):
         super().__init__(name or (Path(model_or_path).name if is_path else type(model_or_path).__name__))
         self.source = model_or_path
         self.device = device
+        self.settle_s = 0.0 if device.startswith("cuda") else self.settle_s   # no pause that lets a GPU clock down
         self.fp16 = fp16
         self.input_shape = list(input_shape) if input_shape else None
         self.threads = threads
