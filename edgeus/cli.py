@@ -30,6 +30,8 @@ COMMANDS: dict[str, str] = {
     "bench": "Latency / throughput benchmark of models on a backend; compare mode gives ratios",
     "package": "Write a firmware bundle from a run directory",
     "verify": "Verify a firmware bundle: checksums, schema, compatibility, golden outputs",
+    "keygen": "Make an Ed25519 key pair that signs firmware bundles (package.sign_key=, verify --key)",
+    "config": "Print the resolved configuration of the same arguments: edgeus config recipe=rsmas_int8 ...",
 }
 
 USAGE = """usage: edgeus <command> [args] [key=value ...]
@@ -41,7 +43,12 @@ commands:
 
 Config groups: recipe=<name>  data=phantom|busi|tmed2|folder  target=<name>  profile=<name>
 Overrides:     dotted keys, e.g. train.epochs=3 data.root=/data/BUSI model.name=rsmas
+Options:       -q / --quiet (warnings and results only)   -v / --verbose (debug log)
 Help:          edgeus <command> --help    |    edgeus recipes    |    edgeus targets
+
+Exit codes:    0 ok, 1 unexpected error (a bug), 2 usage or configuration, 3 clinical gate failed,
+               4 bad input (data, model, checkpoint, run directory), 5 verification failed,
+               6 optional dependency missing, 7 disk full / cannot write, 130 interrupted
 
 Example:       edgeus compress recipe=rsmas_int8
 """
@@ -56,8 +63,32 @@ def _command_module(name: str):
     return importlib.import_module(f"edgeus.commands.{name}")
 
 
+def _verbosity(argv: list[str]) -> tuple[list[str], int]:
+    """Remove -q/--quiet and -v/--verbose from ``argv``; return (argv, level: -1 quiet, 0, 1 verbose)."""
+    level, rest = 0, []
+    for a in argv:
+        if a in ("-q", "--quiet"):
+            level = -1
+        elif a in ("-v", "--verbose"):
+            level = 1
+        else:
+            rest.append(a)
+    return rest, level
+
+
+def _setup_output(level: int) -> None:
+    import os
+
+    logging.basicConfig(level={-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}[level],
+                        format="%(levelname)s %(name)s: %(message)s")
+    if level < 0 or not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")   # progress bars only on a terminal
+    if level < 0:
+        os.environ.setdefault("EDGEUS_QUIET", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, level = _verbosity(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
@@ -80,20 +111,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: edgeus {name} {getattr(module, 'USAGE', '[key=value ...]')}\n")
         print((module.__doc__ or COMMANDS[name]).strip())
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from edgeus.config import ConfigError, compose, split_args
-    from edgeus.errors import EdgeusError
+    _setup_output(level)
+    from edgeus.config import ConfigError, compose, split_args, validate
+    from edgeus.errors import EdgeusError, disk_full, exit_code
 
     positional, overrides = split_args(rest)
     try:
-        cfg = compose(overrides, defaults=getattr(module, "DEFAULTS", None))
+        cfg = validate(compose(overrides, defaults=getattr(module, "DEFAULTS", None)))
         return int(module.run(cfg, positional) or 0)
     except (ConfigError, EdgeusError) as e:
         print(f"edgeus {name}: error: {e}", file=sys.stderr)
-        return 2
+        return exit_code(e)
     except KeyboardInterrupt:
         print(f"\nedgeus {name}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        if not disk_full(e):
+            raise
+        print(f"edgeus {name}: error: the disk is full ({e.filename or 'writing a file'}): free space and run "
+              f"again{' (a compress run continues with resume=<run dir>)' if name == 'compress' else ''}",
+              file=sys.stderr)
+        return exit_code(e)
     except BrokenPipeError:  # output piped into `head` and closed: not an error
         import os
 

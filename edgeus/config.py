@@ -138,6 +138,7 @@ class EdgeusConfig:
     resume: Optional[str] = None       # compress: continue this run directory
     stages: Optional[List[str]] = None # compress: run only these stages
     out: Optional[str] = None          # generic output path for single commands
+    command_line: List[str] = field(default_factory=list)  # the key=value arguments composed (recorded)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -243,7 +244,18 @@ def compose(overrides: list[str] | None = None, defaults: dict | None = None) ->
         except KeyError as e:
             raise ConfigError(str(e.args[0])) from None
         recipe = _load_yaml(path)
-        profiles = OmegaConf.to_container(recipe.get("recipe", {}).get("profiles", {}) or {})
+        if not isinstance(recipe, DictConfig):
+            raise ConfigError(f"recipe {path}: a recipe file is a mapping (recipe:, model:, prune:, ...), "
+                              f"not a {type(recipe).__name__}")
+        section = recipe.get("recipe") or {}
+        if not isinstance(section, (DictConfig, dict)):
+            raise ConfigError(f"recipe {path}: 'recipe:' must be a mapping (name, description, stages, profiles)")
+        if "profiles" in section and section.get("profiles") is None:
+            section.pop("profiles")      # `profiles:` with nothing under it: no profiles
+        profiles = section.get("profiles") or {}
+        profiles = OmegaConf.to_container(profiles) if OmegaConf.is_config(profiles) else dict(profiles)
+        if not isinstance(profiles, dict):
+            raise ConfigError(f"recipe {path}: 'recipe.profiles' must be a mapping of profile names to settings")
         cfg = _merge(cfg, recipe, f"recipe {path.name}")
         if not cfg.recipe.name or cfg.recipe.name == "custom":
             cfg.recipe.name = path.stem
@@ -283,6 +295,97 @@ def compose(overrides: list[str] | None = None, defaults: dict | None = None) ->
                             f"profile {name}")
 
     cfg = _apply_dotted(cfg, dotted, "command line")
+    cfg.command_line = [o for o in overrides]
+    return cfg
+
+
+# ------------------------------------------------------------------------------------ range checks
+# (key, lowest, highest, lowest allowed itself, highest allowed itself, may be null)
+_RANGES = [
+    ("seed", 0, None, True, True, False),
+    ("data.image_size", 1, None, True, True, False), ("data.batch_size", 1, None, True, True, False),
+    ("data.n_per_class", 3, None, True, True, False), ("data.phantom_size", 1, None, True, True, False),
+    ("data.num_workers", 0, None, True, True, False),
+    ("model.width", 0, None, False, True, False),
+    ("train.epochs", 1, None, True, True, False), ("train.lr", 0, None, False, True, False),
+    ("train.weight_decay", 0, None, True, True, False), ("train.warmup_epochs", 0, None, True, True, False),
+    ("train.label_smoothing", 0, 1, True, False, False), ("train.max_steps_per_epoch", 1, None, True, True, True),
+    ("train.grad_clip", 0, None, False, True, True),
+    ("eval.ece_bins", 1, None, True, True, False),
+    ("prune.ratio", 0, 1, True, False, False), ("prune.target_macs", 0, 1, False, True, True),
+    ("prune.macs_tolerance", 0, None, True, True, False), ("prune.max_layer_ratio", 0, 1, True, False, False),
+    ("prune.steps", 1, None, True, True, False), ("prune.finetune_epochs", 0, None, True, True, False),
+    ("prune.step_epochs", 0, None, True, True, False), ("prune.lr", 0, None, False, True, True),
+    ("prune.sparsity", 0, 1, True, False, False), ("prune.sparsity_steps", 1, None, True, True, False),
+    ("prune.round_to", 1, None, True, True, True),
+    ("distill.epochs", 1, None, True, True, True), ("distill.lr", 0, None, False, True, True),
+    ("distill.temperature", 0, None, False, True, False),
+    ("decompose.ratio", 0, 1, False, True, False), ("decompose.energy", 0, 1, False, True, False),
+    ("decompose.target_macs", 0, 1, False, True, False), ("decompose.finetune_epochs", 0, None, True, True, False),
+    ("decompose.lr", 0, None, False, True, True), ("decompose.rank_multiple", 1, None, True, True, False),
+    ("export.atol", 0, None, True, True, False), ("export.rtol", 0, None, True, True, False),
+    ("export.min_top1_agreement", 0, 1, True, True, False), ("export.parity_samples", 1, None, True, True, False),
+    ("quantize.max_accuracy_drop", 0, None, True, True, False), ("quantize.max_recall_drop", 0, None, True, True, False),
+    ("quantize.max_fallback_nodes", 0, None, True, True, False), ("quantize.qat_epochs", 0, None, True, True, False),
+    ("quantize.qat_lr", 0, None, False, True, False), ("quantize.num_images", 0, None, True, True, True),
+    ("gates.max_accuracy_drop", 0, None, True, True, False), ("gates.max_recall_drop", 0, None, True, True, False),
+    ("gates.max_ece_rise", 0, None, True, True, False), ("gates.n_boot", 1, None, True, True, False),
+    ("compress.latency_iters", 1, None, True, True, False), ("compress.latency_warmup", 0, None, True, True, False),
+    ("compress.latency_threads", 1, None, True, True, True),
+    ("bench.iters", 1, None, True, True, False), ("bench.warmup", 0, None, True, True, False),
+    ("bench.block", 1, None, True, True, False), ("bench.threads", 1, None, True, True, True),
+    ("package.golden", 1, None, True, True, False), ("package.atol", 0, None, True, True, False),
+    ("package.int8_atol", 0, None, True, True, False),
+]
+
+# the smallest input a model of the zoo takes (measured: a forward pass at width 0.25 fails below it)
+MIN_IMAGE_SIZE = {"simple_cnn": 16, "two_stage": 16}
+
+
+def _range_text(lo, hi, lo_in, hi_in, nullable) -> str:
+    if hi is None:
+        text = f"{'>=' if lo_in else '>'} {lo}"
+    else:
+        text = f"in {'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
+    return text + (" (or null)" if nullable else "")
+
+
+def validate(cfg) -> DictConfig:
+    """Check every numeric setting against its valid range; raise :class:`ConfigError` naming the key,
+    the value and the range. Returns ``cfg``. (The CLI calls this on every command; ``compress``
+    on its config.)"""
+    problems = []
+    for key, lo, hi, lo_in, hi_in, nullable in _RANGES:
+        try:
+            v = OmegaConf.select(cfg, key, default="<absent>")
+        except OmegaConfBaseException:  # pragma: no cover
+            continue
+        if isinstance(v, str) and v == "<absent>":
+            continue
+        if v is None:
+            if not nullable:
+                problems.append(f"{key}=null: must be {_range_text(lo, hi, lo_in, hi_in, False)}")
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        ok = (v >= lo if lo_in else v > lo) and (hi is None or (v <= hi if hi_in else v < hi))
+        if not ok:
+            problems.append(f"{key}={v}: must be {_range_text(lo, hi, lo_in, hi_in, nullable)}")
+    bs = OmegaConf.select(cfg, "bench.batch_sizes", default=None)
+    if bs is not None and any(int(b) < 1 for b in bs):
+        problems.append(f"bench.batch_sizes={list(bs)}: every batch size must be >= 1")
+    strengths = OmegaConf.select(cfg, "robustness.strengths", default=None)
+    if strengths is not None and any(float(x) < 0 for x in strengths):
+        problems.append(f"robustness.strengths={list(strengths)}: must be >= 0")
+    name = OmegaConf.select(cfg, "model.name", default=None)
+    size = OmegaConf.select(cfg, "data.image_size", default=None)
+    need = MIN_IMAGE_SIZE.get(str(name))
+    if need and isinstance(size, int) and 1 <= size < need:
+        problems.append(f"data.image_size={size}: model {name} needs images of at least {need} px "
+                        f"(data.image_size={need} or more)")
+    if problems:
+        raise ConfigError("; ".join(problems) if len(problems) == 1 else
+                          "settings out of range:\n  " + "\n  ".join(problems))
     return cfg
 
 
