@@ -52,12 +52,22 @@ sys.path.insert(0, str(ROOT))
 
 from edgeus.config import compose  # noqa: E402
 from edgeus.decompose import decompose_model, format_table  # noqa: E402
+from edgeus.finetune import make_finetuner  # noqa: E402
 from edgeus.models import create_model  # noqa: E402
 from edgeus.onnx.export import export_plain  # noqa: E402
 from edgeus.onnx.session import run_logits  # noqa: E402
 
 NAME = "decompose_rsmas"
 
+
+
+def _decompose(model, cfg, bundle=None, teacher=None, out_dir=None):
+    """``decompose_model`` as ``edgeus compress`` composes it: the decompose section, BN recalibration on
+    the train split and fine-tuning (with ``teacher``: by distillation) when data is given."""
+    ft = make_finetuner(cfg, bundle, teacher=teacher) if bundle is not None else None
+    return decompose_model(model, cfg.decompose, image_size=cfg.data.image_size, in_chans=cfg.data.in_chans,
+                           finetune=ft, calib_loader=ft.loaders["train_plain"] if ft is not None else None,
+                           out_dir=out_dir)
 
 def interleaved_latency(paths: dict, x: np.ndarray, runs: int, threads: int, warmup: int = 5) -> dict:
     """edgeus's one latency API (``edgeus.deploy.benchmark``): block-rotated runs in one process, medians,
@@ -84,7 +94,7 @@ def full_width(args) -> dict:
                    "decompose.finetune_epochs=0"])
     model = create_model("rsmas", num_classes=3, in_chans=1, width=1.0).eval()
     t0 = time.time()
-    dec, rep = decompose_model(model, cfg)
+    dec, rep = _decompose(model, cfg)
     seconds = time.time() - t0
     dec.eval()
     x = torch.randn(1, 1, size, size, generator=torch.Generator().manual_seed(1))
@@ -150,12 +160,12 @@ def phantom_accuracy(args) -> dict:
 
         base = metrics(teacher)
         cfg0 = compose(common + ["decompose.finetune_epochs=0"])
-        dec0, rep0 = decompose_model(teacher, cfg0)                  # no data: no BN recalibration
+        dec0, rep0 = _decompose(teacher, cfg0)                  # no data: no BN recalibration
         no_ft = metrics(dec0)
-        dec_bn, _ = decompose_model(teacher, cfg0, bundle=bundle)    # BN statistics re-estimated
+        dec_bn, _ = _decompose(teacher, cfg0, bundle=bundle)    # BN statistics re-estimated
         bn_only = metrics(dec_bn)
         t1 = time.time()
-        dec_ce, rep_ce = decompose_model(teacher, cfg, bundle=bundle, out_dir=Path(d) / "ce")
+        dec_ce, rep_ce = _decompose(teacher, cfg, bundle=bundle, out_dir=Path(d) / "ce")
         ce_s = time.time() - t1
         ce = metrics(dec_ce)
         variants = {"decomposed, no fine-tuning": no_ft, "decomposed + BN recalibrated, no fine-tuning": bn_only,
@@ -163,16 +173,14 @@ def phantom_accuracy(args) -> dict:
         seconds = {"teacher_training": round(train_s, 1), "finetune_ce": round(ce_s, 1)}
         if not args.no_kd:
             t2 = time.time()
-            dec_kd, _ = decompose_model(teacher, cfg, bundle=bundle, teacher=copy.deepcopy(teacher),
+            dec_kd, _ = _decompose(teacher, cfg, bundle=bundle, teacher=copy.deepcopy(teacher),
                                         out_dir=Path(d) / "kd")
             seconds["finetune_kd"] = round(time.time() - t2, 1)
             variants["decomposed + BN recalibrated + fine-tuned (KD from the undecomposed model)"] = metrics(dec_kd)
         if not args.no_control:
-            from edgeus.train import finetune
-
             t3 = time.time()
-            ctrl, _ = finetune(copy.deepcopy(teacher), bundle, cfg, epochs=args.ft_epochs, lr=args.ft_lr,
-                               out_dir=Path(d) / "control", desc="control")
+            ctrl, _ = make_finetuner(cfg, bundle)(copy.deepcopy(teacher), epochs=args.ft_epochs, lr=args.ft_lr,
+                                                  out_dir=Path(d) / "control", desc="control")
             seconds["control"] = round(time.time() - t3, 1)
             control = metrics(ctrl)
     if args.no_control:

@@ -151,8 +151,10 @@ def _run_one(method, seed, teacher, cfg_over, bundle, loaders, a, epochs, caches
                                   "distill.cache_teacher=true"])
         # the teacher's outputs are computed once per image and shared by the runs that tap the same layers
         cache = caches.setdefault("features" if "fitnet" in METHODS[method] else "logits", {})
-        student, report = distill(student, teacher, cfg, bundle, None, loaders=loaders, teacher_cache=cache,
-                                  evaluate=False)
+        student, report = distill(student, teacher, cfg.distill, loaders=loaders, train_cfg=cfg.train,
+                                  classes=bundle.classes, preprocessing=bundle.preprocessing,
+                                  class_weights=bundle.class_weights() if cfg.data.balance == "weights" else None,
+                                  seed=int(cfg.seed), teacher_cache=cache, evaluate=False)
         extra = {"best_epoch": report["best_epoch"], "weights": report["weights"], "pairs": report["pairs"],
                  "notes": report["notes"], "final_losses": report["history"][-1]["loss"]}
     out = {"method": method, "seed": seed, "seconds": round(time.time() - t0, 1), **extra,

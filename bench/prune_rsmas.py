@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgeus.config import compose  # noqa: E402
 from edgeus.models import create_model  # noqa: E402
-from edgeus.prune import prune_model  # noqa: E402
+from edgeus.prune import example_input, prune_model  # noqa: E402
 from edgeus.prune.measure import export, latency_ratio  # noqa: E402
 
 OUT = ROOT / "bench" / "results"
@@ -58,14 +58,15 @@ def main() -> int:
     model = create_model("rsmas", num_classes=2, in_chans=1, width=1.0).eval()
     dense = copy.deepcopy(model)
     t0 = time.time()
-    pruned, rep = prune_model(copy.deepcopy(model), cfg)
+    x0 = example_input(model, args.size, 1)
+    pruned, rep = prune_model(copy.deepcopy(model), cfg.prune, example_inputs=x0)
     prune_s = time.time() - t0
     pruned.eval()
 
     # unstructured 50 % on the unpruned model: dense runtimes see no gain
     ucfg = compose([f"data.image_size={args.size}", "prune.method=unstructured", "prune.sparsity=0.5",
                     "prune.measure_latency=false"])
-    sparse, urep = prune_model(copy.deepcopy(model), ucfg)
+    sparse, urep = prune_model(copy.deepcopy(model), ucfg.prune, example_inputs=x0)
     sparse.eval()
 
     x = torch.randn(1, 1, args.size, args.size, generator=torch.Generator().manual_seed(1))

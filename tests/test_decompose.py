@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from edgeus.config import compose
+from conftest import make_cfg
 from edgeus.decompose import decompose_conv, decompose_linear, decompose_model, decompose_pointwise, evbmf
 from edgeus.decompose import macs as M
 from edgeus.decompose.tucker import tucker2_decompose
@@ -21,8 +21,12 @@ from edgeus.models.profile import count_macs
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _cfg(*overrides: str, size: int = 32):
-    return compose([f"data.image_size={size}", "decompose.finetune_epochs=0", *overrides])
+OWN = ("decompose.finetune_epochs=0",)   # this file's override of make_cfg (the image size is per test)
+
+
+def _decompose(model, cfg, **kw):
+    """``decompose_model`` with the config's decompose section, at the config's image size."""
+    return decompose_model(model, cfg.decompose, image_size=cfg.data.image_size, in_chans=cfg.data.in_chans, **kw)
 
 
 class Net(nn.Module):
@@ -132,8 +136,8 @@ def test_lower_ranks_reduce_macs_exactly_as_computed():
 def test_model_macs_match_formula_and_unsupported_layers_are_listed():
     torch.manual_seed(0)
     net = Net().eval()
-    cfg = _cfg("decompose.rank_mode=ratio", "decompose.ratio=0.25", "decompose.rank_multiple=1")
-    out, rep = decompose_model(net, cfg)
+    cfg = make_cfg(*OWN, "data.image_size=32", "decompose.rank_mode=ratio", "decompose.ratio=0.25", "decompose.rank_multiple=1")
+    out, rep = _decompose(net, cfg)
     assert rep["macs_after"] == rep["macs_formula"] == count_macs(out, 32, 1)
     assert rep["macs_before"] == count_macs(net, 32, 1) > rep["macs_after"]
     for e in rep["layers"]:
@@ -148,7 +152,7 @@ def test_model_macs_match_formula_and_unsupported_layers_are_listed():
     assert isinstance(out.a, nn.Sequential) and isinstance(net.a, nn.Conv2d)   # the input model is untouched
     json.dumps(rep)
     # pointwise / linear switched off: listed, not decomposed
-    _, rep = decompose_model(net, _cfg("decompose.rank_mode=ratio", "decompose.pointwise=false", "decompose.linear=false",
+    _, rep = _decompose(net, make_cfg(*OWN, "data.image_size=32", "decompose.rank_mode=ratio", "decompose.pointwise=false", "decompose.linear=false",
                                        "decompose.exclude=[b]"))
     reasons = {s["name"]: s["reason"] for s in rep["skipped"]}
     assert "1x1" in reasons["pw"] and "linear" in reasons["fc1"] and "exclude" in reasons["b"]
@@ -158,7 +162,7 @@ def test_model_macs_match_formula_and_unsupported_layers_are_listed():
 def test_budget_mode_meets_its_budget_within_2_percent(target):
     torch.manual_seed(0)
     model = create_model("simple_cnn", width=0.5).eval()
-    _, rep = decompose_model(model, _cfg("decompose.rank_mode=budget", f"decompose.target_macs={target}", size=48))
+    _, rep = _decompose(model, make_cfg(*OWN, "data.image_size=48", "decompose.rank_mode=budget", f"decompose.target_macs={target}"))
     achieved = rep["macs_after"] / rep["macs_before"]
     assert rep["budget"]["feasible"] and rep["budget"]["met"]
     assert achieved <= target + 1e-9 and abs(achieved - target) <= 0.02 * target
@@ -168,13 +172,13 @@ def test_budget_mode_meets_its_budget_within_2_percent(target):
 def test_budget_mode_on_rsmas_and_unreachable_budgets_are_reported():
     torch.manual_seed(0)
     model = create_model("rsmas", num_classes=3, in_chans=1, width=0.125).eval()
-    _, rep = decompose_model(model, _cfg("decompose.target_macs=0.5", "decompose.method=hosvd", size=32))
+    _, rep = _decompose(model, make_cfg(*OWN, "data.image_size=32", "decompose.target_macs=0.5", "decompose.method=hosvd"))
     achieved = rep["macs_after"] / rep["macs_before"]
     assert abs(achieved - 0.5) <= 0.01 and achieved <= 0.5 + 1e-9
     assert rep["macs_after"] == rep["macs_formula"]
     kinds = {s["reason"] for s in rep["skipped"]}
     assert any("grouped" in k for k in kinds) and any("depth-wise" in k for k in kinds)
-    _, rep = decompose_model(model, _cfg("decompose.target_macs=0.01", "decompose.method=hosvd", size=32))
+    _, rep = _decompose(model, make_cfg(*OWN, "data.image_size=32", "decompose.target_macs=0.01", "decompose.method=hosvd"))
     assert not rep["budget"]["feasible"] and not rep["budget"]["met"]
 
 
@@ -183,12 +187,12 @@ def test_rank_modes_energy_ratio_vbmf():
     model = create_model("simple_cnn", width=0.5).eval()
     ranks = {}
     for e in (0.6, 0.9):
-        _, rep = decompose_model(model, _cfg("decompose.rank_mode=energy", f"decompose.energy={e}", "decompose.rank_multiple=1", "decompose.method=hosvd"))
+        _, rep = _decompose(model, make_cfg(*OWN, "data.image_size=32", "decompose.rank_mode=energy", f"decompose.energy={e}", "decompose.rank_multiple=1", "decompose.method=hosvd"))
         ranks[e] = {x["name"]: x["ranks"] for x in rep["layers"]}
     for name, r in ranks[0.9].items():
         if name in ranks[0.6]:
             assert all(a <= b for a, b in zip(ranks[0.6][name], r))
-    _, rep = decompose_model(model, _cfg("decompose.rank_mode=vbmf", "decompose.method=hosvd"))
+    _, rep = _decompose(model, make_cfg(*OWN, "data.image_size=32", "decompose.rank_mode=vbmf", "decompose.method=hosvd"))
     assert rep["rank_mode"] == "vbmf" and rep["macs_after"] == rep["macs_formula"]
 
 
@@ -205,7 +209,7 @@ def test_decomposed_model_exports_to_onnx_and_matches_torch(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
     model = create_model("rsmas", num_classes=3, in_chans=1, width=0.125).eval()
-    out, _ = decompose_model(model, _cfg("decompose.target_macs=0.5", "decompose.method=hosvd", size=32))
+    out, _ = _decompose(model, make_cfg(*OWN, "data.image_size=32", "decompose.target_macs=0.5", "decompose.method=hosvd"))
     out.eval()
     x = torch.randn(2, 1, 32, 32)
     path = tmp_path / "dec.onnx"
@@ -227,7 +231,7 @@ def test_checkpoint_of_a_decomposed_model_reloads_in_a_fresh_process(tmp_path):
 
     torch.manual_seed(0)
     model = create_model("simple_cnn", width=0.5).eval()
-    out, rep = decompose_model(model, _cfg("decompose.target_macs=0.5"))
+    out, rep = _decompose(model, make_cfg(*OWN, "data.image_size=32", "decompose.target_macs=0.5"))
     assert out.edgeus_transforms[-1]["kind"] == "decompose"
     path = tmp_path / "dec.pt"
     pre = {"image_size": 32, "in_chans": 1, "mean": [0.5], "std": [0.25]}
@@ -248,7 +252,7 @@ def test_checkpoint_of_a_decomposed_model_reloads_in_a_fresh_process(tmp_path):
     got = torch.load(tmp_path / "y.pt", weights_only=True)
     assert torch.allclose(got, want, atol=1e-6)
     # and in this process, decomposing twice replays both records in order
-    again, _ = decompose_model(out, _cfg("decompose.rank_mode=ratio", "decompose.ratio=0.5", "decompose.pointwise=false"))
+    again, _ = _decompose(out, make_cfg(*OWN, "data.image_size=32", "decompose.rank_mode=ratio", "decompose.ratio=0.5", "decompose.pointwise=false"))
     save_checkpoint(path, again, classes=["a", "b", "c"], preprocessing=pre)
     loaded, ckpt = load_checkpoint(path)
     assert [t["kind"] for t in ckpt["transforms"]] == ["decompose", "decompose"]
@@ -261,12 +265,15 @@ def test_finetune_after_decomposition_and_cli(tmp_path, capsys):
     from edgeus.data import build_datasets
     from edgeus.train.checkpoint import load_checkpoint, save_checkpoint
 
-    cfg = compose(["data.image_size=32", "data.n_per_class=6", "data.batch_size=8", "train.max_steps_per_epoch=2",
-                   "decompose.finetune_epochs=1", "decompose.target_macs=0.6", "decompose.lr=0.001"])
+    cfg = make_cfg("data.image_size=32", "data.n_per_class=6", "data.batch_size=8", "train.max_steps_per_epoch=2",
+                   "decompose.finetune_epochs=1", "decompose.target_macs=0.6", "decompose.lr=0.001")
     bundle = build_datasets(cfg.data)
     torch.manual_seed(0)
     model = create_model("simple_cnn", width=0.25)
-    out, rep = decompose_model(model, cfg, bundle=bundle, out_dir=tmp_path / "run")
+    from edgeus.finetune import make_finetuner
+
+    ft = make_finetuner(cfg, bundle)
+    out, rep = _decompose(model, cfg, finetune=ft, calib_loader=ft.loaders["train_plain"], out_dir=tmp_path / "run")
     assert rep["finetune"]["epochs"] == 1 and "accuracy" in rep["finetune"]["best_metrics"]
     assert rep["bn_recalibrated_batches"] > 0
     json.dumps(rep)

@@ -41,7 +41,14 @@ def run(cfg, args):
         if list(bundle.classes) != list(ckpt["classes"]):
             raise EdgeusError(f"the data's classes {bundle.classes} differ from the checkpoint's {ckpt['classes']}")
 
-    new, report = decompose_model(model, cfg, bundle=bundle, device=device, out_dir=out.parent / f"{out.stem}-work")
+    ft = None
+    if bundle is not None:
+        from edgeus.finetune import make_finetuner
+
+        ft = make_finetuner(cfg, bundle, device=device)
+    new, report = decompose_model(model, cfg.decompose, image_size=cfg.data.image_size, in_chans=cfg.data.in_chans,
+                                  finetune=ft, calib_loader=ft.loaders["train_plain"] if ft is not None else None,
+                                  device=device, out_dir=out.parent / f"{out.stem}-work")
     metrics = {}
     if report.get("finetune"):
         metrics = report["finetune"].get("best_metrics") or {}

@@ -46,7 +46,7 @@ def run(cfg, args):
     import torch
 
     from edgeus import config as C
-    from edgeus.data import build_datasets
+    from edgeus.data import build_datasets, build_loaders
     from edgeus.distill import distill
     from edgeus.distill.base import resolve_weights
     from edgeus.distill.hooks import validate_pairs
@@ -87,7 +87,11 @@ def run(cfg, args):
     out.mkdir(parents=True, exist_ok=True)
     C.save(cfg, out / "config.yaml")
     print(f"teacher {teacher_path} ({tckpt['arch']['name']}) -> student {student_desc}; {bundle.summary()}")
-    student, report = distill(student, teacher, cfg, bundle, out, device=device)
+    loaders = build_loaders(bundle, cfg.data)
+    weights = bundle.class_weights() if cfg.data.balance == "weights" else None
+    student, report = distill(student, teacher, cfg.distill, loaders=loaders, train_cfg=cfg.train,
+                              classes=bundle.classes, preprocessing=bundle.preprocessing, class_weights=weights,
+                              seed=int(cfg.seed), out_dir=out, device=device, config_yaml=C.to_yaml(cfg))
     report["teacher_path"], report["student_source"] = str(teacher_path), student_desc
     path = save_checkpoint(out / "student.pt", student, classes=bundle.classes, preprocessing=bundle.preprocessing,
                            config=C.to_yaml(cfg), metrics={"val": report["val"], "test": report["test"]},

@@ -33,7 +33,8 @@ def run(cfg, args):
     from edgeus.commands.common import checkpoint_argument
     from omegaconf import OmegaConf
 
-    from edgeus.prune import parse_methods, prune_model
+    from edgeus.finetune import make_finetuner
+    from edgeus.prune import example_input, parse_methods, prune_model
     from edgeus.train.checkpoint import load_checkpoint, save_checkpoint
 
     src, model, ckpt = checkpoint_argument(cfg, args, "prune")
@@ -50,7 +51,10 @@ def run(cfg, args):
     teacher = None
     if cfg.teacher.checkpoint and cfg.prune.use_teacher:
         teacher, _ = load_checkpoint(cfg.teacher.checkpoint)
-    model, report = prune_model(model, cfg, bundle=bundle, teacher=teacher, device=cfg.device if cfg.device != "auto" else "cpu",
+    device = cfg.device if cfg.device != "auto" else "cpu"
+    ft = make_finetuner(cfg, bundle, teacher=teacher, device=device) if bundle is not None else None
+    model, report = prune_model(model, cfg.prune, example_inputs=example_input(model, cfg.data.image_size, cfg.data.in_chans),
+                                finetune=ft, loaders=ft.loaders if ft is not None else None, device=device,
                                 out_dir=out.parent / (out.stem + "_work"))
     save_checkpoint(out, model, classes=classes or ["class"], preprocessing=pre, config=OmegaConf.to_yaml(cfg),
                     metrics=ckpt.get("metrics") or {}, extra={"prune": {"methods": methods, "source": str(src)}})

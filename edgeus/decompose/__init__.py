@@ -2,7 +2,9 @@
 convolutions, rank selection (ratio, energy, VBMF, global MACs budget), then fine-tuning.
 
     from edgeus.decompose import decompose_model
-    student, report = decompose_model(model, cfg, bundle=bundle, teacher=teacher)
+    ft = make_finetuner(cfg, bundle, teacher=teacher)                   # edgeus.finetune (optional)
+    student, report = decompose_model(model, cfg.decompose, image_size=64, in_chans=1, finetune=ft,
+                                      calib_loader=ft.loaders["train_plain"])
 
 Imports are lazy: ``edgeus.config`` imports ``edgeus.decompose.config`` and must not pull in torch.
 """

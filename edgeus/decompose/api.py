@@ -1,4 +1,5 @@
-"""``decompose_model``: the decomposition stage as one function over (model, config, data)."""
+"""``decompose_model``: the decomposition stage as one function over (model, the ``decompose`` section,
+injected pieces: example inputs, a calibration loader, a fine-tuning callable)."""
 from __future__ import annotations
 
 import copy
@@ -148,42 +149,48 @@ def recalibrate_batchnorm(model: nn.Module, loader, batches: int, device: str = 
     return n
 
 
-def decompose_model(model: nn.Module, cfg, bundle=None, teacher: nn.Module | None = None, device: str = "cpu",
-                    out_dir: str | Path | None = None) -> tuple[nn.Module, dict]:
-    """The decompose stage: Tucker-2 / SVD with ranks by ``cfg.decompose.rank_mode``, then fine-tuning.
+def _input_shape(example_inputs, image_size, in_chans) -> tuple[int, int]:
+    if example_inputs is not None:
+        return int(example_inputs.shape[-1]), int(example_inputs.shape[1])
+    if image_size is None or in_chans is None:
+        raise EdgeusError("decompose_model needs example_inputs, or image_size and in_chans, to count MACs")
+    return int(image_size), int(in_chans)
 
-    ``cfg`` is the root config (``cfg.decompose`` for the settings, ``cfg.data.image_size`` and
-    ``cfg.data.in_chans`` for counting MACs). The input model is not modified; the decomposed copy
-    carries a ``decompose`` structure record, so its checkpoints reload with ``load_checkpoint``.
-    When ``cfg.decompose.finetune_epochs > 0`` and ``bundle`` is given it is fine-tuned with
-    :func:`edgeus.train.finetune` (with ``teacher``: by distillation).
+
+def decompose_model(model: nn.Module, dcfg, *, example_inputs: torch.Tensor | None = None,
+                    image_size: int | None = None, in_chans: int | None = None, finetune=None,
+                    calib_loader=None, device: str = "cpu",
+                    out_dir: str | Path | None = None) -> tuple[nn.Module, dict]:
+    """The decompose stage: Tucker-2 / SVD with ranks by ``dcfg.rank_mode``, then fine-tuning.
+
+    ``dcfg`` is the ``decompose`` section. MACs are counted at the size of ``example_inputs`` (or
+    ``image_size`` x ``image_size`` with ``in_chans`` channels). The input model is not modified;
+    the decomposed copy carries a ``decompose`` structure record, so its checkpoints reload with
+    ``load_checkpoint``. ``calib_loader`` (batches with an ``image``): BatchNorm statistics are
+    re-estimated on ``dcfg.recalibrate_bn`` of its batches. ``finetune`` (from
+    :func:`edgeus.finetune.make_finetuner`, with or without a teacher): ``dcfg.finetune_epochs``
+    of fine-tuning at ``dcfg.lr``.
     """
-    dcfg = cfg.decompose
     if not dcfg.enabled:
         return model, {"stage": "decompose", "enabled": False}
     check_config(dcfg)
+    size, chans = _input_shape(example_inputs, image_size, in_chans)
     model = copy.deepcopy(model).cpu()
-    model, report = decompose_layers(model, dcfg, image_size=int(cfg.data.image_size),
-                                     in_chans=int(cfg.data.in_chans))
+    model, report = decompose_layers(model, dcfg, image_size=size, in_chans=chans)
     report["enabled"] = True
     report["bn_recalibrated_batches"] = 0
-    if bundle is not None and report["n_decomposed"] and int(dcfg.recalibrate_bn) > 0:
-        from edgeus.data import build_loaders
-
-        loader = build_loaders(bundle, cfg.data)["train_plain"]
+    if calib_loader is not None and report["n_decomposed"] and int(dcfg.recalibrate_bn) > 0:
         model.to(device)
-        report["bn_recalibrated_batches"] = recalibrate_batchnorm(model, loader, int(dcfg.recalibrate_bn), device)
+        report["bn_recalibrated_batches"] = recalibrate_batchnorm(model, calib_loader, int(dcfg.recalibrate_bn),
+                                                                  device)
     epochs = int(dcfg.finetune_epochs)
-    if epochs > 0 and bundle is not None and report["n_decomposed"]:
-        from edgeus.train import finetune
-
+    if epochs > 0 and finetune is not None and report["n_decomposed"]:
         ft_dir = Path(out_dir) / "decompose_finetune" if out_dir else None
-        model, result = finetune(model, bundle, cfg, teacher=teacher, epochs=epochs, out_dir=ft_dir,
-                                 device=device, desc="decompose-finetune",
+        model, result = finetune(model, epochs=epochs, out_dir=ft_dir, desc="decompose-finetune",
                                  lr=float(dcfg.lr) if dcfg.lr is not None else None)
-        report["finetune"] = {"epochs": epochs, "lr": dcfg.lr, "teacher": teacher is not None,
-                              "best_epoch": int(getattr(result, "best_epoch", -1)),
-                              "best_metrics": _jsonable(result.best_metrics)}
+        report["finetune"] = {"epochs": epochs, "lr": dcfg.lr, "teacher": bool(result["with_teacher"]),
+                              "best_epoch": int(result["best_epoch"]),
+                              "best_metrics": _jsonable(result["best_metrics"])}
     else:
         report["finetune"] = None
     model.to(device)

@@ -1,24 +1,43 @@
 """Knowledge distillation: logit (Hinton KD, DKD) and feature (FitNets hints, attention transfer).
 
     from edgeus.distill import build_distiller, distill
-    with build_distiller(student, teacher, cfg.distill, class_weights=w) as d:   # d: Distiller
-        fit(d, loaders, cfg.train, out_dir, classes=..., preprocessing=...)
-    student, report = distill(student, teacher, cfg, bundle, out_dir)            # the stage
+    with build_distiller(student, teacher, dcfg, class_weights=w) as d:        # d: Distiller
+        fit(d, loaders, train_cfg, out_dir, classes=..., preprocessing=...)
+    student, report = distill(student, teacher, dcfg, loaders=loaders, train_cfg=train_cfg,
+                              classes=classes, preprocessing=pre)                # the stage
 
 One small class per loss (``CE``, ``KD``, ``DKD``, ``FitNet``, ``AT``), all built as
-``Term(cfg.distill, info)``, combined by ``distill.losses`` and ``distill.weights``.
-"""
-from edgeus.distill.base import DEFAULT_WEIGHTS, LOSSES, CE, Distiller, LossTerm, Outputs, TermInfo
-from edgeus.distill.kd import KD, kd_loss
-from edgeus.distill.dkd import DKD, dkd_loss, dkd_terms
-from edgeus.distill.fitnet import FitNet, align_maps
-from edgeus.distill.at import AT, at_loss, attention_map
-from edgeus.distill.config import DistillConfig
-from edgeus.distill.hooks import FeatureTaps, count_hooks, default_feature_module, resolve_module
-from edgeus.distill.stage import build_distiller, distill
+``Term(dcfg, info)``, combined by ``distill.losses`` and ``distill.weights``.
 
-__all__ = [
-    "AT", "CE", "DEFAULT_WEIGHTS", "DKD", "KD", "LOSSES", "DistillConfig", "Distiller", "FeatureTaps", "FitNet",
-    "LossTerm", "Outputs", "TermInfo", "align_maps", "at_loss", "attention_map", "build_distiller",
-    "count_hooks", "default_feature_module", "distill", "dkd_loss", "dkd_terms", "kd_loss", "resolve_module",
-]
+Imports are lazy: ``edgeus.config`` imports ``edgeus.distill.config`` for its dataclass and must
+not pull in torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+_API = {
+    **{n: "edgeus.distill.base" for n in ("DEFAULT_WEIGHTS", "LOSSES", "CE", "Distiller", "LossTerm", "Outputs",
+                                          "TermInfo")},
+    "KD": "edgeus.distill.kd", "kd_loss": "edgeus.distill.kd",
+    "DKD": "edgeus.distill.dkd", "dkd_loss": "edgeus.distill.dkd", "dkd_terms": "edgeus.distill.dkd",
+    "FitNet": "edgeus.distill.fitnet", "align_maps": "edgeus.distill.fitnet",
+    "AT": "edgeus.distill.at", "at_loss": "edgeus.distill.at", "attention_map": "edgeus.distill.at",
+    "DistillConfig": "edgeus.distill.config",
+    **{n: "edgeus.distill.hooks" for n in ("FeatureTaps", "count_hooks", "default_feature_module",
+                                           "resolve_module")},
+    "build_distiller": "edgeus.distill.stage", "distill": "edgeus.distill.stage",
+}
+__all__ = sorted(_API)
+
+
+# the modules whose loss terms register themselves in ``LOSSES`` when imported
+_LOSS_MODULES = ("edgeus.distill.kd", "edgeus.distill.dkd", "edgeus.distill.fitnet", "edgeus.distill.at")
+
+
+def __getattr__(name: str):
+    if name in _API:
+        for mod in _LOSS_MODULES:
+            importlib.import_module(mod)
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'edgeus.distill' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""The distill stage: :func:`build_distiller` (used by every fine-tune) and :func:`distill`."""
+"""The distill stage: :func:`build_distiller` (used by every fine-tune with a teacher) and :func:`distill`."""
 from __future__ import annotations
 
 import logging
@@ -8,6 +8,7 @@ import time
 import torch
 import torch.nn as nn
 
+from edgeus.distill import at, dkd, fitnet, kd  # noqa: F401  (each registers its loss term in LOSSES)
 from edgeus.distill.base import LOSSES, Distiller, PairInfo, TermInfo, resolve_weights
 from edgeus.distill.config import DistillConfig
 from edgeus.distill.hooks import FeatureTaps, default_feature_module, model_label, validate_pairs
@@ -120,50 +121,45 @@ def build_distiller(student: nn.Module, teacher: nn.Module, distill_cfg=None, cl
                      steps_per_epoch=steps_per_epoch, cache=teacher_cache)
 
 
-def distill(student: nn.Module, teacher: nn.Module, cfg, bundle, out_dir, device: str = "cpu",
-            loaders: dict | None = None, teacher_cache: dict | None = None,
-            evaluate: bool = True) -> tuple[nn.Module, dict]:
-    """Train ``student`` from ``teacher`` with the losses of ``cfg.distill`` (root config).
+def distill(student: nn.Module, teacher: nn.Module, dcfg, *, loaders: dict, train_cfg, classes, preprocessing: dict,
+            class_weights: torch.Tensor | None = None, seed: int = 0, out_dir=None, device: str = "cpu",
+            teacher_cache: dict | None = None, evaluate: bool = True,
+            config_yaml: str | None = None) -> tuple[nn.Module, dict]:
+    """Train ``student`` from ``teacher`` with the losses of ``dcfg`` (the ``distill`` section).
 
-    Runs :func:`edgeus.train.fit` for ``distill.epochs`` (default ``train.epochs``) at
-    ``distill.lr`` (default ``train.lr``), keeps the best student by the validation metric
-    (``train.metric``), removes its hooks, and returns ``(student, report)``; the report says which
-    losses and pairs were used, what the feature taps did and (``evaluate``) the student's final
-    val/test metrics and the teacher's val metrics.
+    Runs :func:`edgeus.train.fit` on ``loaders`` (``train``, ``val``, ``test``) with ``train_cfg``
+    (the ``train`` section) for ``dcfg.epochs`` (default ``train_cfg.epochs``) at ``dcfg.lr``
+    (default ``train_cfg.lr``), keeps the best student by the validation metric
+    (``train_cfg.metric``), removes its hooks, and returns ``(student, report)``; the report says
+    which losses and pairs were used, what the feature taps did and (``evaluate``) the student's
+    final val/test metrics and the teacher's val metrics. ``classes`` and ``preprocessing`` go
+    into the checkpoints written under ``out_dir``; ``config_yaml`` too, when given.
     """
-    from edgeus.data import build_loaders
     from edgeus.evaluate import compute_metrics, predict_torch
     from edgeus.train import fit
 
-    dcfg = cfg.distill
-    epochs = int(dcfg.epochs if dcfg.epochs is not None else cfg.train.epochs)
-    lr = float(dcfg.lr if dcfg.lr is not None else cfg.train.lr)
-    loaders = loaders or build_loaders(bundle, cfg.data)
-    weights = bundle.class_weights() if cfg.data.balance == "weights" else None
+    epochs = int(dcfg.epochs if dcfg.epochs is not None else train_cfg.epochs)
+    lr = float(dcfg.lr if dcfg.lr is not None else train_cfg.lr)
+    classes = list(classes)
+    train_set = loaders["train"].dataset
     notes = []
     cache = bool(dcfg.cache_teacher)
-    if cache and getattr(bundle.train, "augment", None) is not None:
+    if cache and getattr(train_set, "augment", None) is not None:
         cache = False
         notes.append("cache_teacher ignored: the train split is augmented (teacher logits change every epoch)")
     steps = len(loaders["train"])
-    if cfg.train.max_steps_per_epoch:
-        steps = min(steps, int(cfg.train.max_steps_per_epoch))
+    if train_cfg.max_steps_per_epoch:
+        steps = min(steps, int(train_cfg.max_steps_per_epoch))
     student.to(device)
     teacher.to(device)
-    example = torch.zeros(1, int(bundle.preprocessing["in_chans"]), int(bundle.preprocessing["image_size"]),
-                          int(bundle.preprocessing["image_size"]), device=device)
+    example = torch.zeros(1, int(preprocessing["in_chans"]), int(preprocessing["image_size"]),
+                          int(preprocessing["image_size"]), device=device)
     t0 = time.time()
-    config_yaml = None
-    try:
-        from omegaconf import OmegaConf
-        config_yaml = OmegaConf.to_yaml(cfg)
-    except Exception:  # a plain object config
-        pass
-    with build_distiller(student, teacher, dcfg, class_weights=weights, example_input=example,
+    with build_distiller(student, teacher, dcfg, class_weights=class_weights, example_input=example,
                          steps_per_epoch=steps, cache_teacher=cache, teacher_cache=teacher_cache) as distiller:
         if distiller.cache_teacher:
-            per_sample = 4 * (len(bundle.classes) + sum(math.prod(p.teacher_shape) for p in distiller.pairs))
-            need = per_sample * len(bundle.train)
+            per_sample = 4 * (len(classes) + sum(math.prod(p.teacher_shape) for p in distiller.pairs))
+            need = per_sample * len(train_set)
             if need > CACHE_LIMIT:
                 distiller.cache_teacher = False
                 notes.append(f"cache_teacher ignored: the teacher's outputs would take {need / 2**30:.1f} GiB "
@@ -174,9 +170,8 @@ def distill(student: nn.Module, teacher: nn.Module, cfg, bundle, out_dir, device
                 notes.append(f"{name}: {term.note}")
         log.info("distill %s -> %s: %s", model_label(teacher), model_label(student),
                  " + ".join(f"{w:g}*{n}" for n, w in distiller.weights.items()))
-        result = fit(distiller, loaders, cfg.train, out_dir, classes=bundle.classes,
-                     preprocessing=bundle.preprocessing, device=device, config_yaml=config_yaml,
-                     desc="distill", seed=int(cfg.seed), epochs=epochs, lr=lr)
+        result = fit(distiller, loaders, train_cfg, out_dir, classes=classes, preprocessing=preprocessing,
+                     device=device, config_yaml=config_yaml, desc="distill", seed=int(seed), epochs=epochs, lr=lr)
         cache_hits = distiller.cache_hits
     student = result.model
     student.eval()
@@ -184,9 +179,9 @@ def distill(student: nn.Module, teacher: nn.Module, cfg, bundle, out_dir, device
     if evaluate:
         for split in ("val", "test"):
             y, p = predict_torch(student, loaders[split], device)
-            metrics[split] = compute_metrics(y, p, bundle.classes)
+            metrics[split] = compute_metrics(y, p, classes)
         y, p = predict_torch(teacher, loaders["val"], device)
-        metrics["teacher_val"] = compute_metrics(y, p, bundle.classes)
+        metrics["teacher_val"] = compute_metrics(y, p, classes)
     report = {
         "stage": "distill",
         "teacher": model_label(teacher),

@@ -167,6 +167,8 @@ class BlockPruner(tp.pruner.BasePruningFunc):
 
     #: parts of the block left whole, with the reason (goes into the report)
     whole_parts: tuple[tuple[str, str], ...] = ()
+    #: ``prune_internal`` cuts attention dims (skipped when ``prune.prune_attention_dims=false``)
+    cuts_attention_dims: bool = False
 
     def stride(self, block: nn.Module) -> int:
         return 1
@@ -345,6 +347,7 @@ class MDTAPruner(BlockPruner):
     whole_parts = (
         ("temperature / num_heads", "heads are kept; dims inside every head are cut uniformly instead"),
     )
+    cuts_attention_dims = True
 
     def get_in_channels(self, layer):
         return layer.qkv.in_channels

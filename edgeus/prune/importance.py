@@ -39,10 +39,6 @@ def build_importance(name: str):
     raise EdgeusError(f"unknown prune.importance={name!r}; choose one of {', '.join(IMPORTANCES)}")
 
 
-def needs_gradients(name: str) -> bool:
-    return name.lower() == "taylor"
-
-
 def accumulate_taylor_grads(model: nn.Module, batches: Iterable[dict], device="cpu", max_batches: int = 4) -> int:
     """Fill ``.grad`` of every parameter with the summed CE gradient of a few batches.
 

@@ -72,3 +72,46 @@ def check_2_4(w: torch.Tensor) -> bool:
     """True when every group of 4 consecutive input channels has at most 2 non-zeros."""
     g, _ = _as_groups(w.detach())
     return bool(((g != 0).sum(-1) <= 2).all())
+
+
+def prune_semi_structured(model: nn.Module, pcfg, example: torch.Tensor, *, finetune=None,
+                          out_dir=None) -> tuple[nn.Module, dict]:
+    """2:4 masks on every eligible layer, then ``prune.finetune_epochs`` of fine-tuning (through
+    ``finetune``) with the masks held."""
+    import copy
+
+    from edgeus.models.structure import record_transform
+    from edgeus.prune import unstructured as U
+    from edgeus.prune.common import run_finetune
+
+    dense = copy.deepcopy(model) if pcfg.measure_latency else None
+    size0 = U.file_sizes(model)
+    layers, whole = U.sparse_layers(model, pcfg, example)
+    masks, skipped = masks_2_4(layers)
+    U.apply_masks(model, masks)
+    row = {}
+    if pcfg.finetune_epochs > 0:
+        with U.MaskKeeper(model, masks):
+            model, ft = run_finetune(model, finetune, pcfg.finetune_epochs, out_dir, "sparse-2of4", lr=pcfg.lr,
+                                     use_teacher=bool(pcfg.use_teacher))
+        U.apply_masks(model, masks)
+        row = ft or {}
+    sparse = {n: model.get_submodule(n) for n in masks}
+    sp = U.sparsity_of(sparse)
+    all_w = sum(model.get_submodule(n).weight.numel() for n in layers)
+    rep = {"pattern": "2:4 along input channels (TensorRT / sparse tensor cores)",
+           "layers_2_4": sorted(masks), "pattern_holds": all(check_2_4(m.weight) for m in sparse.values()),
+           "sparsity_in_2_4_layers": round(sp["sparsity"], 4),
+           "fraction_of_weights_in_2_4_layers": round(sp["weights"] / max(1, all_w), 4),
+           "layers_left_dense": whole + skipped,
+           "file_bytes": {"before": size0, "after": U.file_sizes(model)},
+           "note": ("2:4 sparsity speeds up only sparse tensor cores (Ampere and later, Jetson Orin) when the "
+                    "TensorRT engine is built with the sparse-weights flag; dense runtimes see no gain")}
+    if row:
+        rep["finetune"] = row
+    if dense is not None:
+        from edgeus.prune.measure import dense_latency_ratio
+
+        rep["onnxruntime_dense_latency"] = dense_latency_ratio(dense, model, example)
+    record_transform(model, {"kind": "sparsity", "pattern": "2:4", "layers": sorted(masks)})
+    return model, rep

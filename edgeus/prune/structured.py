@@ -1,17 +1,22 @@
 """Structured (channel) pruning on torch-pruning's dependency graph.
 
 Three concerns in three places, as in torch-pruning: the graph (what is coupled: torch-pruning's
-``DependencyGraph`` plus our block pruners in :mod:`edgeus.prune.custom_pruners`), the scoring
-(:mod:`edgeus.prune.importance`), and the policy here: how much (a channel ratio, or a MACs budget
-found by bisection over the ratio on a copy), when (N iterative steps), what is left whole (the
-layers that produce the model's output, ``prune.ignore``), and a record of the new shapes so that a
-checkpoint rebuilds the pruned model (:mod:`edgeus.prune.structure`).
+``DependencyGraph`` plus the block pruners registered in :mod:`edgeus.prune.custom_pruners`), the
+scoring (:mod:`edgeus.prune.importance`), and the policy here (:func:`prune_structured`): how much
+(a channel ratio, or a MACs budget found by bisection over the ratio on a copy), when (N iterative
+steps with fine-tuning between them), what is left whole (the layers that produce the model's
+output, ``prune.ignore``), and a record of the new shapes so that a checkpoint rebuilds the pruned
+model (:mod:`edgeus.prune.structure`). Nothing here names a model's blocks: what a block needs
+comes from its registered pruner.
 """
 from __future__ import annotations
 
 import copy
 import logging
+import math
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -19,6 +24,7 @@ import torch.nn as nn
 
 from edgeus.errors import EdgeusError
 from edgeus.prune import custom_pruners as cp
+from edgeus.prune.common import count_macs, parse_methods, profile, run_finetune, summary
 from edgeus.prune.importance import build_importance
 from edgeus.prune.structure import diff, snapshot
 
@@ -36,15 +42,9 @@ class GraphInfo:
     ignored: dict[str, str] = field(default_factory=dict)   # name -> reason
 
 
-def _count_macs(model: nn.Module, example: torch.Tensor) -> int:
-    import torch_pruning as tp
-
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        macs, _ = tp.utils.count_ops_and_params(model, example)
-    model.train(was)
-    return int(macs)
+def block_names(info: GraphInfo) -> list[str]:
+    """Type names of the blocks in the model that have a registered pruner."""
+    return sorted(c.__name__ for c in info.pruners)
 
 
 def _trace_kwargs(info: GraphInfo) -> dict:
@@ -119,7 +119,7 @@ def prune_once(model: nn.Module, example: torch.Tensor, info: GraphInfo, *, rati
         ignored_set = set(ignored)
         for name, m in model.named_modules():
             p = info.pruners.get(type(m))
-            if p is not None and m not in ignored_set and (attention_dims or not isinstance(p, cp.MDTAPruner)):
+            if p is not None and m not in ignored_set and (attention_dims or not p.cuts_attention_dims):
                 cut = p.prune_internal(m, min(float(ratio), float(max_layer_ratio)))
                 if cut:
                     inner[name] = cut
@@ -135,7 +135,7 @@ def _copy_with_grads(model: nn.Module) -> nn.Module:
 
 
 def search_ratio(model: nn.Module, example: torch.Tensor, info: GraphInfo, target_macs: float, *,
-                 tolerance: float = 0.03, iters: int = 10, grads_fn: Callable | None = None, **kw):
+                 tolerance: float = 0.03, iters: int = 10, **kw):
     """Bisection over the channel ratio: the smallest ratio whose pruned copy has MACs <= target.
 
     Returns ``(pruned_copy, ratio, macs, internal_cuts, met)``; ``met`` is False when even the
@@ -148,10 +148,8 @@ def search_ratio(model: nn.Module, example: torch.Tensor, info: GraphInfo, targe
 
     def trial(r):
         c = _copy_with_grads(model)
-        if grads_fn is not None:
-            grads_fn(c)
         inner = prune_once(c, example, info, ratio=r, **kw)
-        return c, _count_macs(c, example), inner
+        return c, count_macs(c, example), inner
 
     c, macs, inner = trial(hi)
     if macs > target_macs:
@@ -170,14 +168,16 @@ def search_ratio(model: nn.Module, example: torch.Tensor, info: GraphInfo, targe
     return c, r, macs, inner, True
 
 
-LAYER_TYPES = {"Conv1d", "Conv2d", "Conv3d", "Linear", "SCConv", "MDTA"}
+LAYER_TYPES = {"Conv1d", "Conv2d", "Conv3d", "Linear"}
 
 
-def channel_table(before: dict, after: dict) -> dict[str, list]:
-    """{module: [out channels before, after]} for every conv / linear / block."""
+def channel_table(before: dict, after: dict, block_types=()) -> dict[str, list]:
+    """{module: [out channels before, after]} for every conv / linear, and every block whose type
+    name is in ``block_types`` (the blocks with a registered pruner)."""
+    types = LAYER_TYPES | set(block_types)
     table = {}
     for name, a in after.items():
-        if a["type"] not in LAYER_TYPES:
+        if a["type"] not in types:
             continue
         attrs_a, attrs_b = a["attrs"], before[name]["attrs"]
         for key in ("out_channels", "out_features"):
@@ -200,7 +200,7 @@ def left_whole(model: nn.Module, info: GraphInfo, before: dict, after: dict) -> 
         if type(m) in info.transparent:
             rows.append({"layer": name, "reason": f"not pruned: {info.transparent[type(m)]}"})
     ignored = set(info.ignored)
-    for name, (b, a) in channel_table(before, after).items():
+    for name, (b, a) in channel_table(before, after, block_names(info)).items():
         if b == a and not any(name == i or name.startswith(i + ".") for i in ignored):
             m = model.get_submodule(name)
             if isinstance(m, nn.Conv2d) and m.groups == m.out_channels and m.groups > 1:
@@ -215,5 +215,125 @@ def left_whole(model: nn.Module, info: GraphInfo, before: dict, after: dict) -> 
     return rows
 
 
-def structural_diff(before: dict, model: nn.Module) -> dict:
-    return diff(before, snapshot(model))
+# ---------------------------------------------------------------------------------------------
+# the policy: prune_structured and its named parts
+
+
+def _check_target(pcfg) -> None:
+    if pcfg.target_macs is not None and not 0 < pcfg.target_macs <= 1:
+        raise EdgeusError(f"prune.target_macs={pcfg.target_macs}: give the fraction of MACs to keep, in (0, 1]")
+    if pcfg.target_macs is None and not 0 <= pcfg.ratio < 1:
+        raise EdgeusError(f"prune.ratio={pcfg.ratio}: give the fraction of channels to remove, in [0, 1)")
+
+
+def _slimming(model: nn.Module, pcfg, finetune: Callable | None, out_dir) -> tuple[nn.Module, dict]:
+    """Network slimming's sparsity training (L1 on BN gammas) before BN-scale importance."""
+    if not (pcfg.slimming_epochs > 0 and finetune is not None):
+        return model, {"epochs": 0, "note": "BN-scale importance without sparsity training "
+                                            "(set prune.slimming_epochs and give data for network slimming)"}
+    from edgeus.prune.importance import SlimmingTrainable
+    from edgeus.train.trainer import Supervised
+
+    reg = pcfg.slimming_reg
+    sub = Path(out_dir) / "slimming" if out_dir else None
+    model, res = finetune(model, epochs=int(pcfg.slimming_epochs), lr=pcfg.lr, out_dir=sub, desc="prune-slimming",
+                          trainable=lambda m, w: SlimmingTrainable(Supervised(m, w), reg=reg))
+    model.to("cpu")
+    return model, {"epochs": int(pcfg.slimming_epochs), "reg": pcfg.slimming_reg, "val": summary(res["best_metrics"])}
+
+
+def effective_round_to(pcfg, methods=()) -> int | None:
+    """``prune.round_to``, made a multiple of 4 when 2:4 sparsity follows (its groups run along
+    input channels)."""
+    round_to = pcfg.round_to
+    if "semi_structured" in methods:
+        round_to = 4 if not round_to else (round_to * 4 // math.gcd(round_to, 4))
+    return round_to
+
+
+def _step(model: nn.Module, example: torch.Tensor, info: GraphInfo, pcfg, k: int, steps: int, macs0: int,
+          loaders: dict | None, kw: dict) -> tuple[nn.Module, float, dict]:
+    """Pruning step ``k`` of ``steps``: to the step's share of the MACs budget, or of the channel ratio."""
+    from edgeus.models.structure import record_transform
+    from edgeus.prune import importance as imp_mod
+
+    t0 = time.time()
+    before = snapshot(model)
+    if kw["importance"] == "taylor":
+        imp_mod.accumulate_taylor_grads(model, loaders["train_plain"], "cpu", pcfg.taylor_batches)
+    if pcfg.target_macs is not None:
+        step_target = macs0 * (1.0 - (1.0 - float(pcfg.target_macs)) * k / steps)
+        model, r, _, inner, _ = search_ratio(model, example, info, step_target,
+                                             tolerance=float(pcfg.macs_tolerance), **kw)
+    else:
+        keep_prev = 1.0 - float(pcfg.ratio) * (k - 1) / steps
+        keep_k = 1.0 - float(pcfg.ratio) * k / steps
+        r = 1.0 - keep_k / keep_prev
+        inner = prune_once(model, example, info, ratio=r, **kw)
+    model.zero_grad(set_to_none=True)
+    changes = diff(before, snapshot(model))
+    record_transform(model, {"kind": "prune", "method": "structured", "step": k, "modules": changes})
+    row = {"step": k, "ratio": round(float(r), 4), **profile(model, example), "internal_cuts": inner,
+           "seconds": round(time.time() - t0, 2)}
+    return model, r, row
+
+
+def _outcome(model: nn.Module, pcfg, info: GraphInfo, example: torch.Tensor, snap0: dict, prof0: dict) -> dict:
+    """What changed overall: channels per layer, what was left whole and why, the budget, the fractions."""
+    snap1 = snapshot(model)
+    rep: dict = {"channels": {n: v for n, v in channel_table(snap0, snap1, block_names(info)).items()},
+                 "layers_left_whole": left_whole(model, info, snap0, snap1)}
+    prof1 = profile(model, example)
+    if pcfg.target_macs is not None:
+        rep["budget_met"] = bool(prof1["macs"] <= prof0["macs"] * float(pcfg.target_macs) * (1 + float(pcfg.macs_tolerance)))
+        if not rep["budget_met"]:
+            rep["budget_note"] = (f"max_layer_ratio={pcfg.max_layer_ratio} (and the layers left whole) stop "
+                                  "the search above the MACs target")
+    rep["macs_fraction"] = round(prof1["macs"] / max(1, prof0["macs"]), 4)
+    rep["params_fraction"] = round(prof1["params"] / max(1, prof0["params"]), 4)
+    return rep
+
+
+def prune_structured(model: nn.Module, pcfg, example: torch.Tensor, *, finetune: Callable | None = None,
+                     loaders: dict | None = None, device: str = "cpu", out_dir=None,
+                     methods=None) -> tuple[nn.Module, dict]:
+    """Channel pruning as ``pcfg`` (the ``prune`` section) says, in ``prune.steps`` steps with
+    ``prune.step_epochs`` of fine-tuning (through ``finetune``) between them. ``methods``: every
+    method of the run (2:4 sparsity after this step needs channel counts in multiples of 4)."""
+    from edgeus.prune import importance as imp_mod
+
+    methods = parse_methods(pcfg.method) if methods is None else list(methods)
+    imp = pcfg.importance.lower()
+    imp_mod.build_importance(imp)  # fail early on a bad name
+    steps = max(1, int(pcfg.steps))
+    info = analyse(model, example, list(pcfg.ignore))
+    snap0 = snapshot(model)
+    prof0 = profile(model, example)
+    rep: dict = {"importance": imp, "global_pruning": bool(pcfg.global_pruning), "steps": steps,
+                 "round_to": pcfg.round_to, "max_layer_ratio": pcfg.max_layer_ratio,
+                 "block_pruners": block_names(info),
+                 "target": ({"macs_fraction": pcfg.target_macs} if pcfg.target_macs is not None
+                            else {"channel_ratio": pcfg.ratio})}
+    _check_target(pcfg)
+    if imp == "taylor" and loaders is None:
+        raise EdgeusError("prune.importance=taylor needs data (first-order Taylor uses loss gradients)")
+    if imp == "bn_scale":
+        model, rep["slimming"] = _slimming(model, pcfg, finetune, out_dir)
+    round_to = effective_round_to(pcfg, methods)
+    if round_to != pcfg.round_to:
+        rep["round_to"] = round_to
+    kw = dict(importance=imp, global_pruning=bool(pcfg.global_pruning), max_layer_ratio=float(pcfg.max_layer_ratio),
+              round_to=round_to, attention_dims=bool(pcfg.prune_attention_dims))
+    rows = []
+    for k in range(1, steps + 1):
+        model, r, row = _step(model, example, info, pcfg, k, steps, prof0["macs"], loaders, kw)
+        if k < steps:
+            model, ft = run_finetune(model, finetune, pcfg.step_epochs, out_dir, f"prune-step{k}", lr=pcfg.lr,
+                                     use_teacher=bool(pcfg.use_teacher))
+            if ft:
+                row["finetune"] = ft
+        rows.append(row)
+        log.info("prune step %d/%d: ratio %.3f, MACs %d", k, steps, r, row["macs"])
+    rep["steps_detail"] = rows
+    rep.update(_outcome(model, pcfg, info, example, snap0, prof0))
+    return model, rep

@@ -102,3 +102,67 @@ def file_sizes(model: nn.Module) -> dict:
 
 def has_mask_leftovers(model: nn.Module) -> bool:
     return any(k.endswith(("_orig", "_mask")) for k in model.state_dict())
+
+
+def sparse_layers(model: nn.Module, pcfg, example: torch.Tensor) -> tuple[dict, list[dict]]:
+    """The conv / linear layers unstructured or 2:4 sparsity may touch, and those it leaves dense (why)."""
+    from edgeus.prune.structured import analyse
+
+    exclude = set()
+    reasons = []
+    if not pcfg.include_classifier:
+        info = analyse(model, example)
+        exclude |= set(info.output_layers)
+        reasons += [{"layer": n, "reason": "output layer kept dense (prune.include_classifier=false)"}
+                    for n in info.output_layers]
+    for n in pcfg.ignore:
+        exclude.add(n)
+        reasons.append({"layer": n, "reason": "listed in prune.ignore"})
+    return weight_layers(model, exclude), reasons
+
+
+def prune_unstructured(model: nn.Module, pcfg, example: torch.Tensor, *, finetune=None,
+                       out_dir=None) -> tuple[nn.Module, dict]:
+    """Global magnitude sparsity on the cubic schedule, fine-tuning (through ``finetune``) with the
+    masks held between steps (``prune.step_epochs``) and after the last (``prune.finetune_epochs``)."""
+    import copy
+
+    from edgeus.errors import EdgeusError
+    from edgeus.models.structure import record_transform
+    from edgeus.prune.common import run_finetune
+
+    if not 0 <= pcfg.sparsity < 1:
+        raise EdgeusError(f"prune.sparsity={pcfg.sparsity}: give the fraction of weights to zero, in [0, 1)")
+    dense = copy.deepcopy(model) if pcfg.measure_latency else None
+    size0 = file_sizes(model)
+    layers, whole = sparse_layers(model, pcfg, example)
+    sched = cubic_schedule(pcfg.sparsity, pcfg.sparsity_steps)
+    rows, masks = [], {}
+    for k, s in enumerate(sched, 1):
+        masks = global_magnitude_masks(layers, s)
+        row = {"step": k, "target_sparsity": round(s, 4), "sparsity": round(sparsity_of(layers)["sparsity"], 4)}
+        epochs = pcfg.step_epochs if k < len(sched) else pcfg.finetune_epochs
+        if epochs > 0:
+            with MaskKeeper(model, masks):
+                model, ft = run_finetune(model, finetune, epochs, out_dir, f"sparse-step{k}", lr=pcfg.lr,
+                                         use_teacher=bool(pcfg.use_teacher))
+            layers = {n: model.get_submodule(n) for n in layers}
+            apply_masks(model, masks)
+            if ft:
+                row["finetune"] = ft
+        rows.append(row)
+    sp = sparsity_of(layers)
+    size1 = file_sizes(model)
+    rep = {"target_sparsity": pcfg.sparsity, "schedule": "cubic (Zhu & Gupta 2017)", "steps_detail": rows,
+           "achieved_sparsity": round(sp["sparsity"], 4), "zeros": sp["zeros"], "weights_considered": sp["weights"],
+           "per_layer_sparsity": sp["per_layer"], "layers_left_dense": whole,
+           "file_bytes": {"before": size0, "after": size1,
+                          "gzip_ratio": round(size1["gzip_bytes"] / max(1, size0["gzip_bytes"]), 4)},
+           "masks_left_in_state_dict": has_mask_leftovers(model), "note": HONEST_NOTE}
+    if dense is not None:
+        from edgeus.prune.measure import dense_latency_ratio
+
+        rep["onnxruntime_dense_latency"] = dense_latency_ratio(dense, model, example)
+    record_transform(model, {"kind": "sparsity", "pattern": "unstructured", "sparsity": rep["achieved_sparsity"],
+                             "layers": sorted(layers)})
+    return model, rep

@@ -1,5 +1,7 @@
-"""Training: ``fit`` for any trainable, ``Supervised`` (weighted CE), ``finetune``, checkpoints."""
-from edgeus.train.checkpoint import load_checkpoint, save_checkpoint
-from edgeus.train.trainer import FitResult, Supervised, finetune, fit
+"""Training: ``fit`` for any trainable, ``Supervised`` (weighted CE), checkpoints.
 
-__all__ = ["FitResult", "Supervised", "finetune", "fit", "load_checkpoint", "save_checkpoint"]
+Fine-tuning with (or without) a teacher is :func:`edgeus.finetune.make_finetuner`."""
+from edgeus.train.checkpoint import load_checkpoint, save_checkpoint
+from edgeus.train.trainer import FitResult, Supervised, fit
+
+__all__ = ["FitResult", "Supervised", "fit", "load_checkpoint", "save_checkpoint"]

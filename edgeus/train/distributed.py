@@ -35,10 +35,6 @@ def rank() -> int:
     return dist.get_rank() if active() else 0
 
 
-def world_size() -> int:
-    return dist.get_world_size() if active() else 1
-
-
 def is_main() -> bool:
     return rank() == 0
 

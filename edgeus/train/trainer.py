@@ -3,11 +3,11 @@
 ``fit`` trains any *trainable* with the mdistiller shape: ``.student`` (the model that is
 evaluated and saved) and ``.forward_train(batch) -> (logits, {loss_name: tensor})``; the losses
 are summed. :class:`Supervised` is the plain (weighted cross-entropy) trainable; the distillers
-in :mod:`edgeus.distill` have the same shape.
+in :mod:`edgeus.distill` have the same shape. Fine-tuning with a teacher is composed one level up,
+in :mod:`edgeus.finetune` (this package does not import :mod:`edgeus.distill`).
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -86,25 +86,16 @@ def _to(batch: dict, device: str) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def fit(trainable, loaders: dict, train_cfg, out_dir: str | Path | None, *, classes, preprocessing,
-        device: str = "cpu", config_yaml: str | None = None, desc: str = "train", seed: int = 0,
-        epochs: int | None = None, lr: float | None = None) -> FitResult:
-    """Train, validate each epoch on ``loaders['val']``, keep the best student (in memory and on disk)."""
-    torch.manual_seed(seed)
-    epochs = int(train_cfg.epochs if epochs is None else epochs)
-    lr = float(train_cfg.lr if lr is None else lr)
-    out = Path(out_dir) if out_dir else None
-    trainable.to(device)
-    params = [p for p in trainable.parameters() if p.requires_grad]
+def _optimizer(params: list, train_cfg, lr: float) -> torch.optim.Optimizer:
     if train_cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=float(train_cfg.weight_decay))
-    elif train_cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=float(train_cfg.weight_decay), nesterov=True)
-    else:
-        raise ValueError(f"train.optimizer={train_cfg.optimizer}: use adamw or sgd")
-    steps_per_epoch = len(loaders["train"])
-    if train_cfg.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, int(train_cfg.max_steps_per_epoch))
+        return torch.optim.AdamW(params, lr=lr, weight_decay=float(train_cfg.weight_decay))
+    if train_cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=float(train_cfg.weight_decay), nesterov=True)
+    raise ValueError(f"train.optimizer={train_cfg.optimizer}: use adamw or sgd")
+
+
+def _schedule(opt, train_cfg, epochs: int, steps_per_epoch: int):
+    """Linear warm-up over ``train.warmup_epochs``, then cosine (or constant) per step."""
     total = max(1, epochs * steps_per_epoch)
     warm = int(train_cfg.warmup_epochs) * steps_per_epoch
 
@@ -116,67 +107,112 @@ def fit(trainable, loaders: dict, train_cfg, out_dir: str | Path | None, *, clas
         t = (step - warm) / max(1, total - warm)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    start_epoch, history, best, best_state, best_epoch = 0, [], -math.inf, None, -1
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+
+
+@dataclass
+class _Progress:
+    """What a resumed run continues from."""
+    start_epoch: int = 0
+    history: list = field(default_factory=list)
+    best: float = -math.inf
+    best_state: dict | None = None
+    best_epoch: int = -1
+
+
+def _resume(last_path: Path, trainable, opt, sched, desc: str, epochs: int) -> _Progress:
+    """Load ``last.pt`` when it is this run's (same ``desc`` and architecture)."""
+    state = torch.load(last_path, map_location="cpu", weights_only=True)
+    if state.get("desc") != desc or state.get("arch") != getattr(trainable.student, "edgeus_arch", None):
+        return _Progress()
+    trainable.load_state_dict(state["trainable"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    if D.is_main():
+        log.info("resuming %s from %s at epoch %d/%d", desc, last_path, state["epoch"] + 2, epochs)
+    return _Progress(state["epoch"] + 1, state["history"], state["best"], state.get("best_state"),
+                     state["best_epoch"])
+
+
+def _start_epoch(trainable, loaders: dict, seed: int, epoch: int) -> None:
+    """Seed the epoch (so that a resumed run repeats the uninterrupted one) and tell the data and
+    the trainable which epoch it is."""
+    epoch_seed = seed * 1000 + epoch
+    torch.manual_seed(epoch_seed)
+    for gen in (getattr(loaders["train"], "generator", None), getattr(loaders["train"].sampler, "generator", None)):
+        if gen is not None:
+            gen.manual_seed(epoch_seed)
+    trainable.train()
+    if callable(getattr(trainable, "set_epoch", None)):   # e.g. DKD's warm-up counts epochs
+        trainable.set_epoch(epoch)
+    ds = loaders["train"].dataset
+    if hasattr(ds, "set_epoch"):
+        ds.set_epoch(epoch)
+    if hasattr(loaders["train"].sampler, "set_epoch"):
+        loaders["train"].sampler.set_epoch(epoch)
+
+
+def _train_epoch(model, loader, opt, sched, params: list, train_cfg, *, device: str, desc: str, epoch: int,
+                 epochs: int, steps_per_epoch: int) -> dict:
+    """One pass over ``loader`` (at most ``steps_per_epoch`` batches); returns the epoch's row."""
+    totals: dict[str, float] = {}
+    correct = seen = 0
+    bar = tqdm(loader, total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{epochs}", leave=False,
+               disable=not D.is_main(), dynamic_ncols=True)
+    for step, batch in enumerate(bar):
+        if step >= steps_per_epoch:
+            break
+        batch = _to(batch, device)
+        logits, losses = model(batch)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1} step {step} "
+                                     f"({ {k: float(v) for k, v in losses.items()} }); lower train.lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if train_cfg.grad_clip:
+            nn.utils.clip_grad_norm_(params, float(train_cfg.grad_clip))
+        opt.step()
+        sched.step()
+        for k, v in losses.items():
+            totals[k] = totals.get(k, 0.0) + float(v.detach())
+        correct += int((logits.argmax(1) == batch["label"]).sum())
+        seen += len(batch["label"])
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{correct / max(seen, 1):.3f}")
+    n = max(1, min(steps_per_epoch, step + 1))
+    return {"epoch": epoch + 1, "loss": {k: v / n for k, v in totals.items()},
+            "train_acc": correct / max(seen, 1), "lr": sched.get_last_lr()[0]}
+
+
+def fit(trainable, loaders: dict, train_cfg, out_dir: str | Path | None, *, classes, preprocessing,
+        device: str = "cpu", config_yaml: str | None = None, desc: str = "train", seed: int = 0,
+        epochs: int | None = None, lr: float | None = None) -> FitResult:
+    """Train, validate each epoch on ``loaders['val']``, keep the best student (in memory and on disk)."""
+    torch.manual_seed(seed)
+    epochs = int(train_cfg.epochs if epochs is None else epochs)
+    lr = float(train_cfg.lr if lr is None else lr)
+    out = Path(out_dir) if out_dir else None
+    trainable.to(device)
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    opt = _optimizer(params, train_cfg, lr)
+    steps_per_epoch = len(loaders["train"])
+    if train_cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, int(train_cfg.max_steps_per_epoch))
+    sched = _schedule(opt, train_cfg, epochs, steps_per_epoch)
     last_path = out / "last.pt" if out else None
+    pg = _Progress()
     if out and train_cfg.resume and last_path.is_file():
-        state = torch.load(last_path, map_location="cpu", weights_only=True)
-        if state.get("desc") == desc and state.get("arch") == getattr(trainable.student, "edgeus_arch", None):
-            trainable.load_state_dict(state["trainable"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            start_epoch, history, best, best_epoch = state["epoch"] + 1, state["history"], state["best"], state["best_epoch"]
-            best_state = state.get("best_state")
-            if D.is_main():
-                log.info("resuming %s from %s at epoch %d/%d", desc, last_path, start_epoch + 1, epochs)
+        pg = _resume(last_path, trainable, opt, sched, desc, epochs)
     model = _DDPForward(trainable)
     if D.active():
         model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    history, best, best_state, best_epoch = pg.history, pg.best, pg.best_state, pg.best_epoch
     best_metrics = history[best_epoch]["val"] if 0 <= best_epoch < len(history) else {}
-    for epoch in range(start_epoch, epochs):
+    for epoch in range(pg.start_epoch, epochs):
         t0 = time.time()
-        # every epoch starts from a seed of its own, so that a resumed run repeats the uninterrupted one
-        epoch_seed = seed * 1000 + epoch
-        torch.manual_seed(epoch_seed)
-        for gen in (getattr(loaders["train"], "generator", None), getattr(loaders["train"].sampler, "generator", None)):
-            if gen is not None:
-                gen.manual_seed(epoch_seed)
-        trainable.train()
-        if callable(getattr(trainable, "set_epoch", None)):   # e.g. DKD's warm-up counts epochs
-            trainable.set_epoch(epoch)
-        for ds_key in ("train",):
-            ds = loaders[ds_key].dataset
-            if hasattr(ds, "set_epoch"):
-                ds.set_epoch(epoch)
-            if hasattr(loaders[ds_key].sampler, "set_epoch"):
-                loaders[ds_key].sampler.set_epoch(epoch)
-        totals: dict[str, float] = {}
-        correct = seen = 0
-        bar = tqdm(loaders["train"], total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{epochs}", leave=False,
-                   disable=not D.is_main(), dynamic_ncols=True)
-        for step, batch in enumerate(bar):
-            if step >= steps_per_epoch:
-                break
-            batch = _to(batch, device)
-            logits, losses = model(batch)
-            loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1} step {step} "
-                                         f"({ {k: float(v) for k, v in losses.items()} }); lower train.lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if train_cfg.grad_clip:
-                nn.utils.clip_grad_norm_(params, float(train_cfg.grad_clip))
-            opt.step()
-            sched.step()
-            for k, v in losses.items():
-                totals[k] = totals.get(k, 0.0) + float(v.detach())
-            correct += int((logits.argmax(1) == batch["label"]).sum())
-            seen += len(batch["label"])
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{correct / max(seen, 1):.3f}")
-        n = max(1, min(steps_per_epoch, step + 1))
-        row = {"epoch": epoch + 1, "loss": {k: v / n for k, v in totals.items()},
-               "train_acc": correct / max(seen, 1), "lr": sched.get_last_lr()[0]}
+        _start_epoch(trainable, loaders, seed, epoch)
+        row = _train_epoch(model, loaders["train"], opt, sched, params, train_cfg, device=device, desc=desc,
+                           epoch=epoch, epochs=epochs, steps_per_epoch=steps_per_epoch)
         if D.is_main():
             y, p = predict_torch(trainable.student, loaders["val"], device)
             val = compute_metrics(y, p, classes)
@@ -208,27 +244,3 @@ def fit(trainable, loaders: dict, train_cfg, out_dir: str | Path | None, *, clas
     trainable.student.eval()
     return FitResult(best_path=(out / "best.pt") if out else None, last_path=last_path, best_metrics=best_metrics,
                      history=history, model=trainable.student, best_epoch=best_epoch + 1)
-
-
-def finetune(model: nn.Module, bundle, cfg, *, teacher: nn.Module | None = None, epochs: int | None = None,
-             out_dir: str | Path | None = None, device: str = "cpu", desc: str = "finetune",
-             lr: float | None = None) -> tuple[nn.Module, FitResult]:
-    """Fine-tune a (pruned, decomposed, quantisation-aware...) model: plain weighted CE, or with the
-    teacher's knowledge through :func:`edgeus.distill.build_distiller` and ``cfg.distill``."""
-    from edgeus.data import build_loaders
-
-    weights = bundle.class_weights() if cfg.data.balance == "weights" else None
-    if teacher is not None:
-        from edgeus.distill import build_distiller
-
-        trainable = build_distiller(model, teacher, cfg.distill, class_weights=weights)
-    else:
-        trainable = Supervised(model, weights, float(cfg.train.label_smoothing))
-    loaders = build_loaders(bundle, cfg.data)
-    tcfg = copy.deepcopy(cfg.train)
-    result = fit(trainable, loaders, tcfg, out_dir, classes=bundle.classes, preprocessing=bundle.preprocessing,
-                 device=device, desc=desc, seed=int(cfg.seed), epochs=epochs, lr=lr)
-    close = getattr(trainable, "close", None)
-    if callable(close):
-        close()
-    return result.model, result
