@@ -488,16 +488,18 @@ def test_tegrastats_and_clock_parsers():
 # ----------------------------------------------------------------------------------------- package / verify
 
 @pytest.fixture()
-def bundle(run_dir, tmp_path):
-    """build (offline) -> package, as compress leaves it: the run's build/ directory is packaged."""
+def bundle(run_dir, tmp_path, small_bundle):
+    """build (offline) -> package, as compress leaves it: the run's build/ directory is packaged; golden
+    images from the phantom's test split (32 px, 1 channel, the run model's preprocessing)."""
     from edgeus.deploy import build, package
 
     cfg = compose(["target=jetson_orin_nano", "package.golden=3"])
-    build(run_dir / "student.int8.onnx", cfg.target, cfg.build, tmp_path / "run_build")
-    return package(run_dir, tmp_path / "fw", cfg.package, target=cfg.target, build_dir=tmp_path / "run_build")
+    build(run_dir / "student.int8.onnx", cfg.target, cfg.build, tmp_path / "run_build", here=NO_GPU)
+    return package(run_dir, tmp_path / "fw", cfg.package, target=cfg.target, build_dir=tmp_path / "run_build",
+                   data=small_bundle)
 
 
-def test_package_verify_round_trip(bundle):
+def test_package_verify_round_trip(bundle, small_bundle):
     from edgeus.deploy import verify
 
     m = json.loads((bundle / "manifest.json").read_text())
@@ -506,15 +508,303 @@ def test_package_verify_round_trip(bundle):
     assert m["model"]["preprocessing"]["image_size"] == 32
     assert m["source"]["recipe"] == "test_recipe" and m["metrics"]["accuracy"] == 0.9
     for rel in ("model/model.int8.onnx", "model/model.fp32.onnx", "build/build_engine.sh", "build/manifest.json",
-                "golden/inputs.npy", "golden/expected.int8.npy", "golden/expected.fp32.npy", "labels.json",
-                "preprocessing.json", "metrics.json", "source/config.yaml"):
+                "golden/inputs.npy", "golden/raw.npy", "golden/expected.int8.npy", "golden/expected.fp32.npy",
+                "labels.json", "preprocessing.json", "metrics.json", "source/config.yaml", "tools/edgeus_device.py"):
         assert rel in m["files"], rel
     assert np.load(bundle / "golden" / "inputs.npy").shape == (3, 1, 32, 32)
     assert {g["precision"] for g in m["golden"]["outputs"]} == {"int8", "fp32"}
+    outputs = m["golden"]["outputs"]
     for target in (bundle, bundle.with_name("fw.tar.gz")):
         r = verify(target)
         assert r["ok"], r["errors"]
-        assert r["backend"] == "onnxruntime" and len(r["golden"]) == 2 and all(g["ok"] for g in r["golden"])
+        # an engine in the bundle adds a golden entry; it runs only where TensorRT and the GPU match the build
+        engine_ran = any("match the build" in c for c in r["checks"])
+        ran_here = [e for e in outputs if engine_ran or not e["model"].endswith(".engine")]
+        assert r["backend"] in ("onnxruntime", "tensorrt") and len(r["golden"]) == len(ran_here)
+        assert all(g["ok"] for g in r["golden"])
+
+
+def test_golden_inputs_are_real_images_of_every_class(bundle, small_bundle):
+    """Golden inputs: test-split images, one per class here, with raw pixels and expected top-1, so that a
+    wrong preprocessing or a constant answer on the device fails."""
+    from edgeus.deploy.bundle import device_tool
+
+    dev = device_tool()
+    m = json.loads((bundle / "manifest.json").read_text())
+    g = m["golden"]
+    assert g["source"].startswith("test split") and sorted(g["labels"]) == [0, 1, 2]
+    assert set(g["ids"]) <= set(small_bundle.ids("test"))
+    raw = np.load(bundle / g["raw"])
+    x = np.load(bundle / g["inputs"])
+    assert raw.dtype == np.uint8 and raw.shape == (3, 32, 32)
+    np.testing.assert_allclose(dev.preprocess(raw, m["model"]["preprocessing"]), x, atol=1e-6)
+    test = small_bundle.test
+    pos = [small_bundle.ids("test").index(i) for i in g["ids"]]
+    np.testing.assert_allclose(x, np.stack([test[i]["image"].numpy() for i in pos]), atol=1e-6)
+    # a wrong preprocessing (no mean/std) is caught
+    wrong = dict(m["model"]["preprocessing"], mean=[0.0], std=[1.0])
+    assert np.abs(dev.preprocess(raw, wrong) - x).max() > 0.1
+    # the device's comparison: the expected logits pass, a constant answer and swapped logits fail
+    entry = next(e for e in g["outputs"] if e["precision"] == "fp32")
+    exp = np.load(bundle / entry["expected"])
+    assert entry["top1"] == exp.argmax(-1).tolist()
+    assert dev.compare_golden(exp, exp, entry)[0] == []
+    if len(set(entry["top1"])) > 1:
+        const = np.tile(exp[:1], (len(exp), 1))
+        assert dev.compare_golden(const, exp, entry)[0]
+    assert dev.compare_golden(exp[:, ::-1].copy(), exp, entry)[0]
+
+
+def test_package_never_replaces_a_users_files(run_dir, tmp_path, capsys):
+    from edgeus.cli import main
+    from edgeus.deploy import package
+
+    cfg = compose(["target=cpu", "package.golden_data=false"])
+    kw = dict(target=cfg.target)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    with pytest.raises(EdgeusError, match="not a directory"):
+        package(run_dir, a_file, cfg.package, **kw)
+    assert a_file.read_text() == "mine"
+    assert main(["package", str(run_dir), f"out={a_file}", "package.golden_data=false"]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    user = tmp_path / "mydir"
+    (user / "sub").mkdir(parents=True)
+    (user / "sub" / "keep.txt").write_text("mine")
+    with pytest.raises(EdgeusError, match="not empty"):
+        package(run_dir, user, cfg.package, **kw)
+    with pytest.raises(EdgeusError, match="not an edgeus bundle"):
+        package(run_dir, user, cfg.package, overwrite=True, **kw)
+    assert (user / "sub" / "keep.txt").read_text() == "mine"
+    out = package(run_dir, tmp_path / "fw", cfg.package, **kw)
+    tar = out.with_name("fw.tar.gz")
+    tar_bytes = tar.read_bytes()
+    (out / "manifest.json").unlink()          # an empty-looking dir is not the point: the tar is refused too
+    import shutil as _sh
+
+    _sh.rmtree(out)
+    with pytest.raises(EdgeusError, match="fw.tar.gz exists"):
+        package(run_dir, tmp_path / "fw", cfg.package, **kw)
+    assert tar.read_bytes() == tar_bytes
+    out = package(run_dir, tmp_path / "fw", cfg.package, overwrite=True, **kw)   # a bundle: replaced on request
+    out = package(run_dir, tmp_path / "fw", cfg.package, overwrite=True, **kw)
+    assert (out / "manifest.json").is_file() and not list(tmp_path.glob(".fw.*"))
+
+
+# ----------------------------------------------------------------------------------------- bundle trust (21.3)
+
+def _rehash(bundle_dir, edit=None):
+    """Rewrite the manifest after ``edit(manifest)`` with fresh checksums of every listed file: what an
+    attacker who can rewrite the manifest does."""
+    from edgeus.deploy import manifest as mf
+
+    m = json.loads((bundle_dir / "manifest.json").read_text())
+    if edit:
+        edit(m)
+    m["files"] = {rel: {"sha256": mf.sha256_file(bundle_dir / rel), "bytes": (bundle_dir / rel).stat().st_size}
+                  for rel in m["files"] if (bundle_dir / rel).is_file()} if m.get("files") else m.get("files")
+    (bundle_dir / "manifest.json").write_text(json.dumps(m))
+
+
+def _refused(r, *words):
+    msg = " | ".join(r["errors"])
+    return (not r["ok"]) and all(w in msg for w in words)
+
+
+def test_verify_refuses_an_empty_files_table(bundle):
+    from edgeus.deploy import verify
+
+    _rehash(bundle, lambda m: m.update(files={}))
+    assert _refused(verify(bundle), "'files' table is empty")
+
+
+def test_verify_refuses_a_tampered_and_delisted_model(bundle):
+    from edgeus.deploy import verify
+
+    p = bundle / "model" / "model.int8.onnx"
+    p.write_bytes(p.read_bytes()[:-3] + b"xyz")
+
+    def delist(m):
+        del m["files"]["model/model.int8.onnx"]
+        m["golden"]["outputs"] = [e for e in m["golden"]["outputs"] if e["precision"] != "int8"]
+        del m["files"]["golden/expected.int8.npy"]
+
+    _rehash(bundle, delist)
+    (bundle / "golden" / "expected.int8.npy").unlink()
+    r = verify(bundle)
+    assert _refused(r, "model/model.int8.onnx") and r["golden"] == []   # refused, and nothing was run
+
+
+def test_verify_refuses_an_unlisted_runtime_model(bundle):
+    from edgeus.deploy import verify
+
+    shutil.copyfile(bundle / "model" / "model.fp32.onnx", bundle / "model" / "other.onnx")
+    _rehash(bundle, lambda m: m["runtime_order"].insert(0, "model/other.onnx"))
+    assert _refused(verify(bundle), "model/other.onnx", "runtime_order[0] is not listed")
+    assert _refused(verify(bundle, allow_extra=True), "runtime_order[0] is not listed")
+
+
+def test_verify_refuses_a_golden_model_outside_the_bundle(bundle, tmp_path):
+    from edgeus.deploy import verify
+
+    outside = tmp_path / "evil.onnx"
+    shutil.copyfile(bundle / "model" / "model.fp32.onnx", outside)
+    for path in ("../evil.onnx", str(outside)):
+        _rehash(bundle, lambda m: m["golden"]["outputs"][0].update(model=path))
+        r = verify(bundle)
+        assert _refused(r, "golden.outputs[0].model points outside the bundle") and r["golden"] == []
+    # a symbolic link inside the bundle that leads out is refused too
+    (bundle / "model" / "link.onnx").symlink_to(outside)
+    assert _refused(verify(bundle, allow_extra=True), "model/link.onnx", "symbolic link")
+
+
+def test_verify_refuses_an_extra_file_unless_allowed(bundle):
+    from edgeus.cli import main
+    from edgeus.deploy import verify
+
+    (bundle / "golden" / "extra.npy").write_bytes(b"x")
+    assert _refused(verify(bundle), "golden/extra.npy", "not listed")
+    r = verify(bundle, allow_extra=True)
+    assert r["ok"], r["errors"]
+    assert any("golden/extra.npy" in w for w in r["warnings"])
+    assert main(["verify", str(bundle)]) == 1 and main(["verify", str(bundle), "--allow-extra"]) == 0
+
+
+def test_verify_refuses_oversized_archives(tmp_path):
+    import io
+
+    from edgeus.deploy import verify
+
+    bomb = tmp_path / "bomb.tar.gz"
+    with tarfile.open(bomb, "w:gz") as t:      # 64 MiB of zeros: 64 KiB on disk
+        info = tarfile.TarInfo("fw/golden/inputs.npy")
+        info.size = 64 << 20
+
+        class Zeros(io.RawIOBase):
+            def __init__(self, n):
+                self.n = n
+
+            def readable(self):
+                return True
+
+            def readinto(self, b):
+                k = min(len(b), self.n)
+                b[:k] = bytes(k)
+                self.n -= k
+                return k
+
+        t.addfile(info, io.BufferedReader(Zeros(info.size)))
+    assert bomb.stat().st_size < 1 << 20
+    r = verify(bomb, max_bytes=32 << 20)
+    assert _refused(r, "bomb.tar.gz", "expands to more than")
+    many = tmp_path / "many.tar.gz"
+    with tarfile.open(many, "w:gz") as t:
+        for i in range(30):
+            info = tarfile.TarInfo(f"fw/f{i}")
+            t.addfile(info, io.BytesIO(b""))
+    assert _refused(verify(many, max_members=20), "more than 20 members")
+
+
+def test_signed_bundles(run_dir, tmp_path, capsys):
+    """keygen -> package.sign_key -> verify --key: unsigned, wrongly signed or edited bundles are refused."""
+    from edgeus.cli import main
+    from edgeus.deploy import package, verify
+
+    assert main(["keygen", f"out={tmp_path / 'k' / 'edgeus'}"]) == 0
+    priv, pub = tmp_path / "k" / "edgeus", tmp_path / "k" / "edgeus.pub"
+    assert priv.stat().st_mode & 0o077 == 0 and b"PUBLIC KEY" in pub.read_bytes()
+    assert main(["keygen", f"out={priv}"]) == 2                      # never overwrites a key
+    main(["keygen", f"out={tmp_path / 'other'}"])
+    cfg = compose(["target=cpu", "package.golden_data=false"])
+    signed = package(run_dir, tmp_path / "signed", compose(["target=cpu", "package.golden_data=false",
+                                                             f"package.sign_key={priv}"]).package, target=cfg.target)
+    unsigned = package(run_dir, tmp_path / "unsigned", cfg.package, target=cfg.target)
+    assert (signed / "manifest.json.sig").is_file()
+    for b in (signed, signed.with_name("signed.tar.gz")):
+        r = verify(b, key=pub)
+        assert r["ok"], r["errors"]
+        assert any("Ed25519 signature valid" in c for c in r["checks"])
+    assert any("no --key given" in w for w in verify(signed)["warnings"])
+    assert _refused(verify(unsigned, key=pub), "not signed")
+    assert _refused(verify(signed, key=tmp_path / "other.pub"), "does not match")
+    assert main(["verify", str(signed), "--key", str(pub)]) == 0
+    assert main(["verify", str(unsigned), "--key", str(pub)]) == 1
+    # an attacker who swaps two class names and rewrites the manifest's checksums breaks the signature
+    p = signed / "labels.json"
+    p.write_text(p.read_text().replace("benign", "TMP").replace("malignant", "benign").replace("TMP", "malignant"))
+    _rehash(signed)
+    assert verify(signed)["ok"]                                       # integrity alone cannot tell
+    assert _refused(verify(signed, key=pub), "does not match")        # authenticity can
+
+
+def test_on_device_tool_decides_like_verify(bundle, tmp_path):
+    """The bundle's own tools/edgeus_device.py (stdlib only for verify) accepts the bundle and refuses a tampered one."""
+    import sys
+
+    tool = bundle / "tools" / "edgeus_device.py"
+    p = subprocess.run([sys.executable, str(tool), "verify"], capture_output=True, text=True)
+    assert p.returncode == 0 and "verified" in p.stdout, p.stdout + p.stderr
+    p = subprocess.run([sys.executable, str(tool), "verify", "--bundle", str(bundle.with_name("fw.tar.gz"))],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    (bundle / "golden" / "extra.npy").write_bytes(b"x")
+    p = subprocess.run([sys.executable, str(tool), "verify"], capture_output=True, text=True)
+    assert p.returncode == 1 and "golden/extra.npy" in p.stdout
+    p = subprocess.run([sys.executable, str(tool), "verify", "--key", str(tmp_path / "nokey.pub")],
+                       capture_output=True, text=True)
+    assert p.returncode == 1 and "not signed" in p.stdout
+    # build without trtexec: a clear message, exit 2
+    (bundle / "golden" / "extra.npy").unlink()
+    p = subprocess.run([sys.executable, str(tool), "build"], capture_output=True, text=True,
+                       env={"PATH": "/nonexistent"})
+    assert p.returncode == 2 and "trtexec not found" in p.stdout
+
+
+def test_on_device_tool_builds_without_a_shell_and_times_from_trtexec_records(bundle, tmp_path):
+    """build runs trtexec with the manifest's arguments (no shell) outside the bundle; bench summarises
+    trtexec --exportTimes records (p99 only from >= 1000 runs)."""
+    import sys
+
+    from edgeus.deploy.bundle import device_tool
+
+    fake = tmp_path / "trtexec"
+    fake.write_text("#!/usr/bin/env python3\nimport json, sys\nargs = sys.argv[1:]\n"
+                    "open('args.json', 'w').write(json.dumps(args))\n"
+                    "for a in args:\n"
+                    "    if a.startswith('--saveEngine='): open(a.split('=', 1)[1], 'wb').write(b'engine')\n"
+                    "    if a.startswith('--exportTimes='):\n"
+                    "        json.dump([{'latencyMs': 1.0 + i / 1000, 'computeMs': 0.5} for i in range(1200)],"
+                    " open(a.split('=', 1)[1], 'w'))\n")
+    fake.chmod(0o755)
+    tool = bundle / "tools" / "edgeus_device.py"
+    p = subprocess.run([sys.executable, str(tool), "build", "--trtexec", str(fake)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = bundle.with_name("fw-engine")
+    args = json.loads((out / "args.json").read_text())
+    assert args[0] == "--onnx=" + str((bundle / "build" / "student.int8.onnx").resolve())
+    assert args[-1] == "--skipInference" and "--stronglyTyped" in args
+    assert json.loads((out / "engine.json").read_text())["engine"] == "student.int8.engine"
+    p = subprocess.run([sys.executable, str(tool), "verify"], capture_output=True, text=True)
+    assert p.returncode == 0, "the engine is built outside the signed bundle"
+    p = subprocess.run([sys.executable, str(tool), "bench", "--trtexec", str(fake)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    args = json.loads((out / "args.json").read_text())
+    assert any(a.startswith("--loadEngine=") for a in args) and any(a.startswith("--exportTimes=") for a in args)
+    assert "--shapes=input:1x1x32x32" in args
+    s = json.loads((out / "bench.json").read_text())
+    assert s["n"] == 1200 and "p99" in s["latencyMs"] and s["computeMs"]["median"] == 0.5
+    assert "p99" not in device_tool().summarize_times([{"latencyMs": 1.0}] * 999)["latencyMs"]
+
+
+def test_on_device_files_parse_as_python_38():
+    """JetPack 5 ships Python 3.8: every file that runs on the device must parse as 3.8."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent / "edgeus" / "deploy"
+    files = sorted((root / "ondevice").glob("*.py")) + [root / "device_probe.py"]
+    assert any(f.name == "edgeus_device.py" for f in files)
+    for f in files:
+        ast.parse(f.read_text(), filename=str(f), feature_version=(3, 8))
 
 
 def test_verify_fails_on_a_tampered_file(bundle):

@@ -8,18 +8,29 @@ Bundle layout (a directory, and the same tree as ``<dir>.tar.gz``)::
     model/model.int8.onnx    the Q/DQ model for the target (ONNX Runtime fallback / device build input)
     model/model.fp32.onnx    the FP32 student (last-resort fallback, reference)
     build/                   the engine, or the ONNX + build_engine.sh + trtexec.txt (+ build manifest)
-    golden/inputs.npy        golden inputs (normalised, NCHW float32)
-    golden/expected.*.npy    outputs of each model on them (ONNX Runtime, CPU)
+    golden/inputs.npy        golden inputs (normalised, NCHW float32): real test-split images, a few per class
+    golden/raw.npy           the same images before normalisation (uint8 [N, H, W] at the model's size)
+    golden/expected.*.npy    logits of each model on them (ONNX Runtime, CPU); their top-1 in the manifest
+    tools/edgeus_device.py   the on-device tool: verify, build with trtexec, golden check, timing
     labels.json, preprocessing.json, metrics.json, source/config.yaml, source/ledger.json
+    manifest.json.sig        Ed25519 signature of manifest.json (with package.sign_key=)
+
+``verify`` trusts nothing the manifest does not prove: every file present must be listed with its
+SHA-256 (``allow_extra`` to accept others), every path the manifest refers to must be listed and
+inside the bundle, archives are size- and member-limited before extraction, and with ``key`` the
+manifest's Ed25519 signature must be valid. These trust checks are the on-device tool's own
+(``edgeus/deploy/ondevice/edgeus_device.py``), so host and device decide alike.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import os
 import shutil
+import sys
 import tarfile
 import tempfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,17 +69,31 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def _ort_outputs(onnx_path: Path, inputs: np.ndarray) -> np.ndarray:
-    from edgeus.deploy.runners.onnxrt import OnnxrtRunner
+DEVICE_TOOL = Path(__file__).with_name("ondevice") / "edgeus_device.py"
 
-    with OnnxrtRunner(onnx_path) as r:
-        (name, (dtype, shape)), = r.input_metadata().items()
-        static_b = shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
-        if static_b and static_b != len(inputs):
-            outs = [next(iter(r.infer({name: inputs[i:i + static_b].astype(dtype)}).values()))
-                    for i in range(0, len(inputs), static_b)]
-            return np.concatenate(outs)
-        return next(iter(r.infer({name: inputs.astype(dtype)}).values()))
+
+def device_tool():
+    """The on-device tool (``ondevice/edgeus_device.py``) as a module: the one implementation of the
+    bundle trust checks (files, references, archive limits, signatures), used by host and device."""
+    mod = sys.modules.get("edgeus._device_tool")
+    if mod is None:
+        spec = importlib.util.spec_from_file_location("edgeus._device_tool", DEVICE_TOOL)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        sys.modules["edgeus._device_tool"] = mod
+    return mod
+
+
+def _ort_outputs(onnx_path: Path, inputs: np.ndarray) -> np.ndarray:
+    """Logits of an ONNX model on ``inputs`` (ONNX Runtime, CPU), in the model's static batch if it has one."""
+    from edgeus.onnx.session import run_logits, session
+
+    sess = session(onnx_path)
+    shape = sess.get_inputs()[0].shape
+    static_b = shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
+    if static_b and static_b != len(inputs):
+        return run_logits(sess, inputs, batch=static_b)
+    return run_logits(sess, inputs, batch=None)
 
 
 def _run_meta(run_dir: Path | None) -> dict:
@@ -89,19 +114,52 @@ def _run_meta(run_dir: Path | None) -> dict:
     return out
 
 
-def _golden_inputs(shape: list, n: int, data, seed) -> tuple[np.ndarray, str]:
+@dataclass
+class _Golden:
+    inputs: np.ndarray                 # float32 [N, C, H, W], normalised
+    raw: np.ndarray | None             # uint8 [N, H, W] before normalisation (None: noise)
+    ids: list
+    labels: list                       # true class index per image (None: noise)
+    source: str
+
+
+def _pick_golden(labels: np.ndarray, n: int) -> list[int]:
+    """``n`` positions, round-robin over the classes (first images of each class first), so that every
+    class is represented and a model answering one class for everything fails."""
+    by_class = [list(np.nonzero(labels == c)[0]) for c in np.unique(labels)]
+    out: list[int] = []
+    while len(out) < n and any(by_class):
+        for lst in by_class:
+            if lst and len(out) < n:
+                out.append(int(lst.pop(0)))
+    return sorted(out)
+
+
+def _golden_inputs(shape: list, n: int, data, seed) -> _Golden:
+    """Golden images from the test split of ``data`` (a DataBundle or a split), a few of every class;
+    seeded noise when no data is given."""
     c, h, w = (int(d) for d in shape[1:4])
     if data is not None:
         ds = getattr(data, "test", data)
-        k = min(n, len(ds))
-        imgs = np.stack([np.asarray(ds[i]["image"], dtype=np.float32) for i in range(k)])
+        labels = np.asarray(getattr(ds, "labels", np.zeros(len(ds), np.int64)))
+        idx = _pick_golden(labels, min(n, len(ds)))
+        imgs = np.stack([np.asarray(ds[i]["image"], dtype=np.float32) for i in idx])
         if tuple(imgs.shape[1:]) != (c, h, w):
             raise EdgeusError(f"golden inputs from the data are {tuple(imgs.shape[1:])}, the model takes "
                               f"{(c, h, w)}: set data.image_size / data.in_chans to the model's")
-        ids = data.ids("test")[:k] if hasattr(data, "ids") else []
-        return imgs, f"test split ({k} images{': ' + ', '.join(map(str, ids[:4])) if ids else ''})"
+        raw = None
+        if hasattr(ds, "raw"):
+            raw = np.stack([np.round(np.asarray(ds.raw(i)[0], dtype=np.float32)[0] * 255.0) for i in idx])
+            raw = np.clip(raw, 0, 255).astype(np.uint8)
+        all_ids = data.ids("test") if hasattr(data, "ids") else []
+        ids = [str(all_ids[i]) for i in idx] if all_ids else [str(i) for i in idx]
+        return _Golden(imgs, raw, ids, [int(labels[i]) for i in idx],
+                       f"test split ({len(idx)} images: {', '.join(ids[:8])})")
     rng = np.random.default_rng(int(seed or 0))
-    return rng.standard_normal((n, c, h, w)).astype(np.float32), f"seeded normal noise (seed {seed})"
+    log.warning("golden inputs are seeded noise: the device check cannot catch a wrong preprocessing or a "
+                "constant answer (give the run's data: package.golden_data=true)")
+    return _Golden(rng.standard_normal((n, c, h, w)).astype(np.float32), None, [], [],
+                   f"seeded normal noise (seed {seed})")
 
 
 @dataclass
@@ -129,14 +187,41 @@ def _find_artifacts(run_dir, pcfg, fp32_onnx, int8_onnx, build_dir, metrics) -> 
     return _Artifacts(run, fp32, int8, bdir, mpath)
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
+def _check_out(out: Path, overwrite: bool, tar: bool) -> None:
+    """Refuse to replace anything of a user's without ``overwrite``, and anything that is not a bundle ever."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise EdgeusError(f"out={out} exists and is not a directory; a bundle is a directory: choose another out=")
+    if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise EdgeusError(f"{out} exists and is not empty; choose another out= or set package.overwrite=true")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "model").mkdir()
-    (out / "golden").mkdir()
+            raise EdgeusError(f"out={out} exists and is not empty; choose another out= or set package.overwrite=true")
+        if not (out / mf.MANIFEST).is_file():
+            raise EdgeusError(f"out={out} is not an edgeus bundle (no {mf.MANIFEST}); refusing to replace it even "
+                              "with package.overwrite=true: remove it yourself or choose another out=")
+    tar_path = out.with_name(out.name + ".tar.gz")
+    if tar and (tar_path.exists() or tar_path.is_symlink()):
+        if tar_path.is_dir() or tar_path.is_symlink():
+            raise EdgeusError(f"{tar_path} exists and is not a file: choose another out=")
+        if not overwrite:
+            raise EdgeusError(f"{tar_path} exists; choose another out= or set package.overwrite=true")
+
+
+def _prepare_out(out: Path) -> Path:
+    """A fresh temporary directory beside ``out`` to write the bundle into (moved to ``out`` when complete)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    (tmp / "model").mkdir()
+    (tmp / "golden").mkdir()
+    return tmp
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    if out.exists():   # _check_out allowed it: an empty directory, or a bundle with overwrite=true
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
 
 
 def _describe_model(primary: Path, runm: dict, data_preprocessing: dict | None):
@@ -189,27 +274,36 @@ def _bundle_build(out: Path, a: _Artifacts, pcfg, target, build_cfg, meta: dict)
     if (out / "build" / mf.MANIFEST).is_file():
         bm = json.loads((out / "build" / mf.MANIFEST).read_text())
         build_info = bm.get("build")
+        if isinstance(build_info, dict):   # paths of the device build, relative to the bundle's build/
+            build_info = dict(build_info, dir="build", onnx=(build_info.get("settings") or {}).get("onnx"))
         if bm.get("tensorrt") and bm["tensorrt"].get("engine"):
             tensorrt = dict(bm["tensorrt"], engine=f"build/{bm['tensorrt']['engine']}")
     return tensorrt, build_info
 
 
-def _write_golden(out: Path, x: np.ndarray, models: dict[str, Path], tensorrt: dict | None, pcfg) -> list[dict]:
-    """golden/inputs.npy and the expected outputs of every model on them (ONNX Runtime, CPU)."""
-    np.save(out / "golden" / "inputs.npy", x, allow_pickle=False)
+def _write_golden(out: Path, g: _Golden, models: dict[str, Path], tensorrt: dict | None, pcfg) -> dict:
+    """golden/inputs.npy (+ raw.npy) and the expected logits and top-1 of every model on them
+    (ONNX Runtime, CPU); returns the manifest's ``golden`` section."""
+    np.save(out / "golden" / "inputs.npy", g.inputs, allow_pickle=False)
+    section: dict[str, Any] = {"inputs": "golden/inputs.npy", "source": g.source}
+    if g.raw is not None:
+        np.save(out / "golden" / "raw.npy", g.raw, allow_pickle=False)
+        section.update(raw="golden/raw.npy", raw_format="uint8 [N, H, W] at the model's input size, before "
+                       "/255, channel repeat and (x - mean) / std", ids=g.ids, labels=g.labels)
     golden_outputs = []
     for prec, path in models.items():
-        y = _ort_outputs(path, x)
+        y = np.asarray(_ort_outputs(path, g.inputs), dtype=np.float32)
         rel = f"golden/expected.{prec}.npy"
-        np.save(out / rel, np.asarray(y, dtype=np.float32), allow_pickle=False)
+        np.save(out / rel, y, allow_pickle=False)
         golden_outputs.append({"model": f"model/{path.name}", "expected": rel, "precision": prec,
                                "atol": float(pcfg.atol if prec == "fp32" else pcfg.int8_atol),
-                               "compare": "softmax", "producer": "onnxruntime CPUExecutionProvider"})
-    if tensorrt and "int8" in models:
-        golden_outputs.append({"model": tensorrt["engine"], "expected": "golden/expected.int8.npy",
-                               "precision": "int8", "atol": float(pcfg.int8_atol), "compare": "softmax",
+                               "compare": "softmax", "top1": [int(k) for k in y.argmax(-1)],
                                "producer": "onnxruntime CPUExecutionProvider"})
-    return golden_outputs
+    if tensorrt and "int8" in models:
+        int8 = next(e for e in golden_outputs if e["precision"] == "int8")
+        golden_outputs.append(dict(int8, model=tensorrt["engine"]))
+    section["outputs"] = golden_outputs
+    return section
 
 
 def _read_metrics(mpath) -> dict:
@@ -245,45 +339,121 @@ def package(run_dir, out, pcfg, *, target, build_cfg=None, data=None, data_prepr
     ``build_cfg``: the ``build`` section used when the bundle prepares the device build itself.
     Artifacts default to ``<run>/student.fp32.onnx``, ``<run>/student.int8.onnx``, ``<run>/build/``
     and ``<run>/metrics.json``; keyword arguments (or ``pcfg.*``) name them explicitly.
-    ``data``: a DataBundle whose test images become the golden inputs (default: noise seeded by ``seed``).
+    ``data``: a DataBundle whose test images (a few per class) become the golden inputs; without it
+    they are noise seeded by ``seed`` (with a warning: noise cannot catch a wrong preprocessing).
     ``data_preprocessing``: mean/std to record when neither the ONNX nor the run's config has them.
     ``recipe``: the recipe name recorded when the run's config has none. ``overwrite``: overrides
-    ``pcfg.overwrite``.
+    ``pcfg.overwrite``. Nothing of a user's is replaced without overwrite, and a directory that is not
+    a bundle never. With ``pcfg.sign_key`` (an Ed25519 private key, PEM) the manifest is signed.
     """
     from edgeus.deploy.builder import target_dict
 
     a = _find_artifacts(run_dir, pcfg, fp32_onnx, int8_onnx, build_dir, metrics)
     out = Path(out)
-    _prepare_out(out, bool(pcfg.overwrite if overwrite is None else overwrite))
+    _check_out(out, bool(pcfg.overwrite if overwrite is None else overwrite), bool(pcfg.tar))
+    key = _load_sign_key(pcfg.sign_key) if pcfg.sign_key else None
+    tmp = _prepare_out(out)
+    try:
+        runm = _run_meta(a.run)
+        meta, inputs, outputs, prep, classes = _describe_model(a.int8 or a.fp32, runm, data_preprocessing)
+        models = _copy_models(tmp, a)
+        tensorrt, build_info = _bundle_build(tmp, a, pcfg, target, build_cfg,
+                                             {"classes": classes, "preprocessing": prep, "source": runm})
+        golden = _write_golden(tmp, _golden_inputs(inputs[0]["shape"], int(pcfg.golden), data, seed), models,
+                               tensorrt, pcfg)
+        metrics_data = _read_metrics(a.metrics)
+        _write_side_files(tmp, classes, prep, metrics_data, a.run)
+        (tmp / "tools").mkdir()
+        shutil.copyfile(DEVICE_TOOL, tmp / "tools" / DEVICE_TOOL.name)
 
-    runm = _run_meta(a.run)
-    meta, inputs, outputs, prep, classes = _describe_model(a.int8 or a.fp32, runm, data_preprocessing)
-    models = _copy_models(out, a)
-    tensorrt, build_info = _bundle_build(out, a, pcfg, target, build_cfg,
-                                         {"classes": classes, "preprocessing": prep, "source": runm})
-    x, source = _golden_inputs(inputs[0]["shape"], int(pcfg.golden), data, seed)
-    golden_outputs = _write_golden(out, x, models, tensorrt, pcfg)
-    metrics_data = _read_metrics(a.metrics)
-    _write_side_files(out, classes, prep, metrics_data, a.run)
-
-    man = mf.new_manifest(
-        "bundle",
-        model={"name": meta.get("arch", {}).get("name") if isinstance(meta.get("arch"), dict) else None,
-               "classes": list(classes), "preprocessing": prep, "inputs": inputs, "outputs": outputs,
-               "onnx": {k: f"model/{p.name}" for k, p in models.items()}},
-        runtime_order=([tensorrt["engine"]] if tensorrt else []) + [f"model/{p.name}" for p in models.values()],
-        tensorrt=tensorrt,
-        build=build_info,
-        target=target_dict(target),
-        golden={"inputs": "golden/inputs.npy", "source": source, "outputs": golden_outputs},
-        source={"recipe": runm.get("recipe") or (recipe if recipe != "custom" else None),
-                "run": str(a.run) if a.run else None},
-        metrics=metrics_data,
-    )
-    mf.write_manifest(out, man)
+        man = mf.new_manifest(
+            "bundle",
+            model={"name": meta.get("arch", {}).get("name") if isinstance(meta.get("arch"), dict) else None,
+                   "classes": list(classes), "preprocessing": prep, "inputs": inputs, "outputs": outputs,
+                   "onnx": {k: f"model/{p.name}" for k, p in models.items()}},
+            runtime_order=([tensorrt["engine"]] if tensorrt else []) + [f"model/{p.name}" for p in models.values()],
+            tensorrt=tensorrt,
+            build=build_info,
+            target=target_dict(target),
+            golden=golden,
+            tools={"device": f"tools/{DEVICE_TOOL.name}"},
+            source={"recipe": runm.get("recipe") or (recipe if recipe != "custom" else None),
+                    "run": str(a.run) if a.run else None},
+            metrics=metrics_data,
+        )
+        mf.write_manifest(tmp, man)
+        if key is not None:
+            sign_bundle(tmp, key)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if pcfg.tar:
         write_tar(out)
     return out
+
+
+# ------------------------------------------------------------------------------------------ signing
+
+def _crypto():
+    try:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+    except ImportError as e:
+        from edgeus.errors import MissingDependencyError
+
+        raise MissingDependencyError("signing needs the 'cryptography' package: pip install cryptography") from e
+    return serialization, ed25519
+
+
+def keygen(private_path) -> tuple[Path, Path]:
+    """Write a new Ed25519 key pair: ``private_path`` (PEM, PKCS#8, mode 0600) and ``<private_path>.pub``.
+    Existing files are never overwritten."""
+    serialization, ed25519 = _crypto()
+    priv = Path(private_path)
+    pub = priv.with_name(priv.name + ".pub")
+    for p in (priv, pub):
+        if p.exists() or p.is_symlink():
+            raise EdgeusError(f"{p} exists; keys are never overwritten: choose another out= or remove it yourself")
+    priv.parent.mkdir(parents=True, exist_ok=True)
+    key = ed25519.Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    fd = os.open(priv, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    return priv, pub
+
+
+def _load_sign_key(path):
+    serialization, ed25519 = _crypto()
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as e:
+        raise EdgeusError(f"package.sign_key={path}: not a readable unencrypted PEM private key ({e})") from None
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise EdgeusError(f"package.sign_key={path}: not an Ed25519 private key (make one with edgeus keygen out=...)")
+    return key
+
+
+def sign_bundle(bundle_dir, key) -> Path:
+    """Sign ``bundle_dir/manifest.json`` (its exact bytes) with an Ed25519 private key (a key or a PEM path);
+    writes ``manifest.json.sig``: {"algorithm": "ed25519", "key_sha256", "signature" (base64)}."""
+    import base64
+
+    serialization, _ = _crypto()
+    if not hasattr(key, "sign"):
+        key = _load_sign_key(key)
+    root = Path(bundle_dir)
+    data = (root / mf.MANIFEST).read_bytes()
+    pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    sig = {"algorithm": "ed25519", "key_sha256": device_tool().key_fingerprint(pub),
+           "signature": base64.b64encode(key.sign(data)).decode()}
+    path = root / device_tool().SIGNATURE
+    path.write_text(json.dumps(sig, indent=2) + "\n")
+    return path
 
 
 def write_tar(bundle_dir: Path) -> Path:
@@ -298,50 +468,40 @@ def write_tar(bundle_dir: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------ verify
 
-def _extract(tar_path: Path, into: Path) -> Path:
-    try:
-        with tarfile.open(tar_path, "r:gz") as tar:
-            members = tar.getmembers()
-            for m in members:
-                parts = Path(m.name).parts
-                if m.name.startswith("/") or ".." in parts or not (m.isfile() or m.isdir()):
-                    raise EdgeusError(f"{tar_path.name}: unsafe archive member {m.name!r}")
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(into, filter="data")
-            else:  # pragma: no cover - Python < 3.11.4
-                tar.extractall(into)
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        raise EdgeusError(f"{tar_path.name}: truncated or corrupt archive ({e})") from None
-    roots = [p for p in into.iterdir()]
-    if len(roots) == 1 and roots[0].is_dir():
-        return roots[0]
-    return into
-
-
-def verify(bundle, *, backend: str = "auto", here: dict | None = None) -> dict[str, Any]:
+def verify(bundle, *, backend: str = "auto", here: dict | None = None, key=None, allow_extra: bool = False,
+           max_bytes: int | None = None, max_members: int | None = None) -> dict[str, Any]:
     """Check a bundle directory or ``.tar.gz``. Returns {"ok", "errors", "warnings", "checks", "golden"}.
 
-    Every error names the file it is about. ``here`` overrides the machine description
-    (``device_probe.probe()``), for tests and dry runs.
+    Trust first (the on-device tool's checks): every file listed with its SHA-256 and every file present
+    listed (``allow_extra``: unlisted files only warn), every path the manifest refers to listed and inside
+    the bundle, archives limited to ``max_bytes`` expanded and ``max_members`` members before extraction,
+    and with ``key`` (an Ed25519 public key, PEM path) a valid signature of the manifest. Only a bundle
+    that passes is run: engine compatibility with this machine and the golden outputs. Every error names
+    the file it is about. ``here`` overrides the machine description (``device_probe.probe()``).
     """
+    dev = device_tool()
     bundle = Path(bundle)
     report: dict[str, Any] = {"bundle": str(bundle), "ok": False, "errors": [], "warnings": [], "checks": [],
                               "golden": [], "backend": None}
     if not bundle.exists():
         report["errors"].append(f"{bundle}: not found")
         return report
+    if key is not None and not Path(key).is_file():
+        report["errors"].append(f"{key}: public key not found")
+        return report
     if bundle.is_file():
         with tempfile.TemporaryDirectory(prefix="edgeus-verify-") as tmp:
             try:
-                root = _extract(bundle, Path(tmp))
-            except EdgeusError as e:
+                root = dev.safe_extract(bundle, tmp, max_bytes=max_bytes or dev.MAX_BUNDLE_BYTES,
+                                        max_members=max_members or dev.MAX_MEMBERS)
+            except ValueError as e:
                 report["errors"].append(str(e))
                 return report
-            return _verify_dir(root, report, backend, here)
-    return _verify_dir(bundle, report, backend, here)
+            return _verify_dir(root, report, backend, here, key, allow_extra)
+    return _verify_dir(bundle, report, backend, here, key, allow_extra)
 
 
-def _verify_dir(root: Path, report: dict, backend: str, here: dict | None) -> dict:
+def _verify_dir(root: Path, report: dict, backend: str, here: dict | None, key=None, allow_extra=False) -> dict:
     errors, warnings, checks = report["errors"], report["warnings"], report["checks"]
     try:
         man = mf.read_manifest(root)
@@ -349,12 +509,12 @@ def _verify_dir(root: Path, report: dict, backend: str, here: dict | None) -> di
         errors.append(str(e).replace(str(root / mf.MANIFEST), mf.MANIFEST))
         return report
     checks.append(f"{mf.MANIFEST}: schema_version {man['schema_version']}, {len(man['files'])} files listed")
-    ferr, fwarn = mf.check_files(root, man)
-    errors += ferr
-    warnings += fwarn
-    bad = {e.split(":", 1)[0] for e in ferr}
-    if not ferr:
-        checks.append("checksums: all files present and unmodified (SHA-256)")
+    trust = device_tool().verify_dir(root, str(key) if key is not None else None, allow_extra)
+    errors += trust["errors"]
+    warnings += trust["warnings"]
+    checks += trust["checks"]
+    if errors:
+        return report   # nothing from an untrusted bundle is run
 
     # compatibility of the engine with this machine
     trt_sec = man.get("tensorrt")
@@ -371,40 +531,54 @@ def _verify_dir(root: Path, report: dict, backend: str, here: dict | None) -> di
             if problems:
                 errors.extend(problems)
             else:
-                engine_ok = trt_sec["engine"] not in bad
+                engine_ok = True
                 checks.append(f"{trt_sec['engine']}: TensorRT {env['tensorrt']} and compute capability "
                               f"{env.get('compute_capability')} match the build")
     elif (man.get("build") or {}).get("status") == "device-build-required":
-        checks.append("build: no engine inside; build/build_engine.sh builds it on the device")
+        checks.append("build: no engine inside; tools/edgeus_device.py (or build/build_engine.sh) builds it on "
+                      "the device" + (f" ({man['build']['reason']})" if man["build"].get("reason") else ""))
 
     # golden outputs
     g = man.get("golden") or {}
     inp_rel = g.get("inputs")
     if not inp_rel:
         warnings.append(f"{mf.MANIFEST}: no golden inputs listed")
-    elif inp_rel in bad:
-        warnings.append(f"{inp_rel}: golden check skipped (the file failed its checksum)")
-    else:
+        report["ok"] = not errors
+        return report
+    try:
+        x = np.load(root / inp_rel, allow_pickle=False)
+    except Exception as e:
+        errors.append(f"{inp_rel}: unreadable ({e})")
+        return report
+    if g.get("raw"):
         try:
-            x = np.load(root / inp_rel, allow_pickle=False)
+            raw = np.load(root / g["raw"], allow_pickle=False)
+            d = float(np.abs(device_tool().preprocess(raw, (man.get("model") or {}).get("preprocessing") or {})
+                             - x).max())
         except Exception as e:
-            errors.append(f"{inp_rel}: unreadable ({e})")
-            x = None
-        if x is not None:
-            for entry in g.get("outputs", []):
-                _golden_one(root, entry, x, bad, engine_ok, backend, report)
+            errors.append(f"{g['raw']}: cannot be preprocessed ({e})")
+        else:
+            if d > 1e-4:
+                errors.append(f"{g['raw']}: the manifest's preprocessing of the raw golden pixels differs from "
+                              f"{inp_rel} by {d:.3g}")
+            else:
+                checks.append(f"{g['raw']}: the manifest's preprocessing reproduces {inp_rel} (real images: "
+                              f"{', '.join(map(str, (g.get('ids') or [])[:4]))})")
+    else:
+        warnings.append(f"{inp_rel}: golden inputs are not real images ({g.get('source')}): a wrong preprocessing "
+                        "or a constant answer on the device would not be caught")
+    for entry in g.get("outputs", []):
+        _golden_one(root, entry, x, engine_ok, backend, report, (man.get("model") or {}).get("classes"))
     report["ok"] = not errors
     return report
 
 
-def _golden_one(root: Path, entry: dict, x: np.ndarray, bad: set, engine_ok: bool, backend: str, report: dict):
+def _golden_one(root: Path, entry: dict, x: np.ndarray, engine_ok: bool, backend: str, report: dict,
+                classes=None):
     model_rel, exp_rel = entry["model"], entry["expected"]
     is_engine = Path(model_rel).suffix in (".engine", ".plan")
     if is_engine and (not engine_ok or backend == "onnxruntime"):
         return  # the engine cannot run here; its ONNX fallback is checked instead
-    if model_rel in bad or exp_rel in bad:
-        report["warnings"].append(f"{model_rel}: golden check skipped (a file failed its checksum)")
-        return
     try:
         expected = np.load(root / exp_rel, allow_pickle=False)
     except Exception as e:
@@ -426,18 +600,14 @@ def _golden_one(root: Path, entry: dict, x: np.ndarray, bad: set, engine_ok: boo
         report["errors"].append(f"{model_rel}: cannot run ({e})")
         return
     report["backend"] = report["backend"] or used
-    if y.shape != expected.shape:
-        report["errors"].append(f"{model_rel}: output shape {y.shape} differs from {exp_rel} {expected.shape}")
+    if entry.get("compare", "softmax") != "softmax":
+        report["errors"].append(f"{model_rel}: golden compare={entry.get('compare')!r}; only softmax is supported")
         return
-    a, b = (_softmax(y), _softmax(expected)) if entry.get("compare", "softmax") == "softmax" else (y, expected)
-    diff = float(np.abs(a - b).max())
-    top1 = float((a.argmax(-1) == b.argmax(-1)).mean())
-    row = {"model": model_rel, "backend": used, "max_abs_diff": diff, "atol": entry["atol"], "top1_agreement": top1,
-           "ok": diff <= float(entry["atol"])}
-    report["golden"].append(row)
-    if row["ok"]:
-        report["checks"].append(f"{model_rel}: golden outputs within {entry['atol']} on {used} "
-                                f"(max diff {diff:.2e}, top-1 agreement {top1:.0%})")
-    else:
-        report["errors"].append(f"{model_rel}: golden outputs differ from {exp_rel} by {diff:.3g} "
-                                f"(tolerance {entry['atol']}, top-1 agreement {top1:.0%}) on {used}")
+    errs, oks = device_tool().compare_golden(np.asarray(y), expected, dict(entry, model=model_rel), classes)
+    a, b = _softmax(y), _softmax(expected)
+    diff = float(np.abs(a - b).max()) if a.shape == b.shape else float("inf")
+    top1 = float((a.argmax(-1) == b.argmax(-1)).mean()) if a.shape == b.shape else 0.0
+    report["golden"].append({"model": model_rel, "backend": used, "max_abs_diff": diff, "atol": entry["atol"],
+                             "top1_agreement": top1, "ok": not errs})
+    report["errors"] += [f"{e} on {used}" for e in errs]
+    report["checks"] += [f"{c} on {used}" for c in oks]

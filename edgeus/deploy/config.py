@@ -74,8 +74,9 @@ class PackageConfig:
     build_dir: Optional[str] = None       # <run>/build (engine or build script + manifest)
     metrics: Optional[str] = None         # <run>/metrics.json
     build: bool = True                    # no build dir and a TensorRT target: prepare the build in the bundle
-    golden_data: bool = False             # golden inputs from cfg.data (test split) instead of seeded noise
-    overwrite: bool = False               # replace an existing bundle directory
+    golden_data: bool = True              # golden inputs: real test-split images of the run's data (false: noise)
+    overwrite: bool = False               # replace an existing bundle (never a directory that is not a bundle)
+    sign_key: Optional[str] = None        # Ed25519 private key (PEM) that signs the manifest (edgeus keygen)
     golden: int = 4                       # number of golden inputs with expected outputs
     atol: float = 1e-3                    # golden tolerance, FP32 ONNX (softmax probabilities)
     int8_atol: float = 5e-2               # golden tolerance, INT8 ONNX and engines (softmax probabilities)
