@@ -32,6 +32,8 @@ COMMANDS: dict[str, str] = {
     "verify": "Verify a firmware bundle: checksums, schema, compatibility, golden outputs",
     "keygen": "Make an Ed25519 key pair that signs firmware bundles (package.sign_key=, verify --key)",
     "config": "Print the resolved configuration of the same arguments: edgeus config recipe=rsmas_int8 ...",
+    "predict": "Classify images with a bundle, ONNX model, engine or checkpoint; Grad-CAM overlays with --cam DIR",
+    "view": "Desktop viewer (needs the [app] extra): teacher vs student predictions and saliency side by side",
 }
 
 USAGE = """usage: edgeus <command> [args] [key=value ...]
@@ -88,6 +90,7 @@ def _setup_output(level: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import edgeus.threads; edgeus.threads.configure()  # noqa: E702  before torch loads: no spinning on a shared CPU
     argv, level = _verbosity(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
