@@ -4,7 +4,7 @@
     build("student.int8.onnx", cfg.target, cfg.build, "out/build", meta)   # engine here, or a device build
     bench(["teacher.onnx", "student.onnx"], cfg)         # latency; ratios in compare mode
     package("runs/<run>", "firmware/v3", cfg.package, target=cfg.target)   # bundle directory + .tar.gz
-    verify("firmware/v3.tar.gz")                         # checksums, schema, compatibility, golden outputs
+    verify("firmware/v3.tar.gz", key="keys/edgeus.pub")  # trust (files, signature), compatibility, golden
 
 TensorRT and its CUDA bindings are imported only inside the TensorRT runner and the engine builder.
 """

@@ -1,9 +1,12 @@
 """``edgeus build``: from a Q/DQ ONNX model to a TensorRT engine for a target, or to a ready build.
 
-With TensorRT importable (a machine with an NVIDIA GPU) the engine is built here through the
-TensorRT 10 Python API. Everywhere else the build does all that needs no GPU: the compatibility
-check of the ONNX (``trt_compat``), the manifest, the ``trtexec`` command line and a small
+The engine is built here (TensorRT Python API) only where it will run: TensorRT importable, a
+builder creatable on a CUDA device, the local TensorRT inside the target's range and the local
+GPU's compute capability the target's (``local_build_blocker``). Everywhere else the build does
+all that needs no GPU: the compatibility check of the ONNX (``trt_compat``), the manifest (status
+``device-build-required`` with the reason), the ``trtexec`` command line and a small
 ``build_engine.sh`` that builds the engine on the device and records what it was built with.
+The trtexec options are those of the lowest TensorRT the target's range admits (``trt_features``).
 
 Precision follows TensorRT 10's explicit quantisation: a Q/DQ model is built *strongly typed*
 (``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` / ``trtexec --stronglyTyped``), where the types

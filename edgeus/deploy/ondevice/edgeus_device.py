@@ -429,6 +429,14 @@ def _check(call):
     return rest[0] if len(rest) == 1 else rest
 
 
+def _handle(stream):
+    """The integer handle of a cuda-python stream (execute_async_v3 takes a size_t)."""
+    try:
+        return int(stream)
+    except TypeError:
+        return int(stream.getPtr())
+
+
 def preprocess(raw_u8, prep):
     """uint8 [N, H, W] -> float32 [N, C, H, W]: /255, grayscale repeated to ``in_chans``, (x - mean) / std
     (edgeus.data.transforms.normalise)."""
@@ -539,7 +547,7 @@ def run_engine(engine_path, x, dla_core=None):
                 allocs.append(d)
                 ctx.set_tensor_address(o, int(d))
                 host_out[o] = (arr, d)
-            if not ctx.execute_async_v3(stream):
+            if not ctx.execute_async_v3(_handle(stream)):
                 raise RuntimeError("execute_async_v3 failed (see the TensorRT log)")
             for o, (arr, d) in host_out.items():
                 _check(cudart.cudaMemcpyAsync(arr.ctypes.data, d, arr.nbytes,
