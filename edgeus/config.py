@@ -82,7 +82,10 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     checkpoint: Optional[str] = None
+    run: Optional[str] = None          # a compress run directory: score its teacher and final student
     split: str = "test"
+    split_from: str = "model"          # model: the model's own split (its data fingerprint) | data: data.* as given
+    allow_overlap: bool = False        # score images the model was trained / validated / calibrated on
     out: Optional[str] = None
     ece_bins: int = 15
 
@@ -138,6 +141,7 @@ class EdgeusConfig:
     resume: Optional[str] = None       # compress: continue this run directory
     stages: Optional[List[str]] = None # compress: run only these stages
     out: Optional[str] = None          # generic output path for single commands
+    run: Optional[str] = None          # eval: a compress run directory (same as eval.run)
     command_line: List[str] = field(default_factory=list)  # the key=value arguments composed (recorded)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     data: DataConfig = field(default_factory=DataConfig)

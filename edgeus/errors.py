@@ -8,7 +8,8 @@ Exit codes of every ``edgeus`` command (the CLI maps each error class to one):
          a setting that cannot work (EdgeusError, UsageError, ConfigError)
     3    a clinical gate failed (the run's artifacts are kept; no bundle is written)
     4    bad input: data, model, checkpoint, ONNX file or run directory cannot be used as given
-         (InputError, DataError, CheckpointError)
+         (InputError, DataError, CheckpointError); edgeus eval refusing to score a model on images it
+         was trained, validated or calibrated on (DataLeakError)
     5    verification failed: a bundle or model does not match what it claims
     6    an optional dependency is missing (TensorRT, pycuda, ...)
     7    the disk is full or a file cannot be written
@@ -42,6 +43,12 @@ class DataError(InputError):
 
 class CheckpointError(InputError):
     """A checkpoint cannot be loaded: wrong architecture, corrupt file, incompatible format."""
+
+
+class DataLeakError(InputError):
+    """``edgeus eval`` would score a model on images it was trained, validated or calibrated on, or cannot
+    show that it would not (its split cannot be reproduced). Exit code 4; ``eval.allow_overlap=true``
+    scores anyway."""
 
 
 class MissingDependencyError(EdgeusError):

@@ -1,5 +1,5 @@
 """Clinical evaluation: accuracy, per-class precision/recall/F1, macro-F1, one-vs-rest AUC,
-confusion matrix and expected calibration error — for torch models and ONNX files alike.
+confusion matrix and expected calibration error — for torch models, ONNX files and TensorRT engines.
 
 Per-class recall is first-class: the compress gates compare a student with its teacher on it.
 """
@@ -106,14 +106,48 @@ def predict_onnx(path_or_session, loader, transform=None) -> tuple[np.ndarray, n
     return np.concatenate(labels), np.concatenate(probs)
 
 
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+
+
+def predict_engine(path, loader, transform=None) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and softmax probabilities of a TensorRT engine (``edgeus.deploy.runners.trt``), each loader
+    batch cut to the engine's largest profile batch. Raises MissingDependencyError without TensorRT."""
+    from edgeus.deploy.runners.trt import TrtRunner
+
+    labels, probs = [], []
+    with TrtRunner(path) as r:
+        (name, (dtype, shape)), = r.input_metadata().items()
+        static = shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
+        step = static or int(r.profile(name)[2][0])
+        for batch in loader:
+            x = batch["image"]
+            if transform is not None:
+                x = transform(x)
+            x = x.numpy().astype(dtype)
+            logits = []
+            for i in range(0, len(x), step):
+                chunk = x[i:i + step]
+                if static and len(chunk) < static:   # a static-batch engine: pad the last chunk, keep the real rows
+                    pad = np.zeros((static - len(chunk), *chunk.shape[1:]), chunk.dtype)
+                    logits.append(next(iter(r.infer({name: np.concatenate([chunk, pad])}).values()))[:len(chunk)])
+                else:
+                    logits.append(next(iter(r.infer({name: chunk}).values())))
+            probs.append(torch.softmax(torch.from_numpy(np.concatenate(logits)).float(), 1).numpy())
+            labels.append(batch["label"].numpy())
+    return np.concatenate(labels), np.concatenate(probs)
+
+
 def evaluate_model(model_or_path, loader, classes, device: str = "cpu", ece_bins: int = 15, transform=None) -> dict:
-    """Metrics of a torch model, an ONNX file / session, or an edgeus checkpoint file (.pt)."""
+    """Metrics of a torch model, an ONNX file / session, a TensorRT engine (.engine / .plan) or an
+    edgeus checkpoint file (.pt)."""
     if isinstance(model_or_path, (str, Path)) and str(model_or_path).endswith((".pt", ".pth")):
         from edgeus.train.checkpoint import load_checkpoint
 
         model_or_path, _ = load_checkpoint(model_or_path)
     if isinstance(model_or_path, torch.nn.Module):
         y, p = predict_torch(model_or_path, loader, device, transform)
+    elif isinstance(model_or_path, (str, Path)) and str(model_or_path).endswith(ENGINE_SUFFIXES):
+        y, p = predict_engine(model_or_path, loader, transform)
     else:
         y, p = predict_onnx(model_or_path, loader, transform)
     return compute_metrics(y, p, classes, ece_bins)

@@ -134,3 +134,18 @@ def test_export_command_from_checkpoint(small, tmp_path, capsys):
     assert (tmp_path / "s.onnx").is_file() and (tmp_path / "s.export.json").is_file()
     assert "parity vs torch on val split" in capsys.readouterr().out
     assert model_info(tmp_path / "s.onnx")["classes"] == ["normal", "benign", "malignant"]
+
+
+def test_calibration_joins_the_data_fingerprint(small, tmp_path):
+    from edgeus.onnx.metadata import add_calibration
+
+    model, _ = small
+    out = tmp_path / "m.onnx"
+    export_onnx(model, out, make_cfg().export, preprocessing=PRE, data={"dataset": "phantom", "n": {"train": 3},
+                                                                       "sha256": {"train": "t"}, "root": None})
+    assert add_calibration(out, ["phantom:0:benign:1", "phantom:0:normal:2"])
+    fp = model_info(out)["data"]
+    assert fp["n"]["calibration"] == 2 and len(fp["sha256"]["calibration"]) == 64 and fp["sha256"]["train"] == "t"
+    bare = tmp_path / "bare.onnx"
+    export_onnx(model, bare, make_cfg().export, preprocessing=PRE)
+    assert not add_calibration(bare, ["x"]) and model_info(bare)["data"] is None

@@ -1,53 +1,301 @@
-"""Evaluate a checkpoint (.pt) or ONNX model on a split of a dataset.
+"""Evaluate a checkpoint (.pt), ONNX model or TensorRT engine on its own test split — or a compress run's
+teacher and final student on the run's test split — refusing to score images the model has seen.
 
-    edgeus eval runs/train-x/best.pt [data=phantom] [eval.split=test] [eval.out=metrics.json]
-    edgeus eval runs/<run>/student.int8.onnx data=busi data.root=/data/BUSI
+    edgeus eval runs/train-x/best.pt                         # the model's own test split
+    edgeus eval runs/<run>/04-quantize/student.int8.onnx     # (data settings come from the model)
+    edgeus eval model.engine data=busi data.root=/data/BUSI  # through the TensorRT runner (needs TensorRT)
+    edgeus eval run=runs/<run>                               # the run's teacher and final student
+    edgeus eval student.onnx data=folder data.root=/external eval.split_from=data   # other data, leak-checked
 
-Prints accuracy, per-class precision / recall / F1, macro-F1, one-vs-rest AUC, the confusion
-matrix and the expected calibration error, and writes them as JSON (eval.out, default beside the
-model). The data settings (size, channels, normalisation) default to the ones stored in the
-checkpoint, so the model sees what it was trained on.
+What the model carries decides how it is scored:
+
+* preprocessing (image size, channels, mean / std) and classes: from the checkpoint, the ONNX metadata
+  (``edgeus.preprocessing``, ``edgeus.classes``) or, for an engine, the bundle / ONNX beside it;
+* its data fingerprint (``edgeus.data`` / the checkpoint's ``data``): dataset, root, split seed and
+  ratios and the hashes of its train / val / test / calibration file lists. By default
+  (``eval.split_from=model``) the model's own split is rebuilt from it (``data.root=`` may say where
+  the dataset is now) and checked against the hashes; ``eval.split_from=data`` scores the data
+  settings as given instead, after rebuilding the model's split to find shared images.
+
+The command refuses (exit code 4, DataLeakError) to score a model on images it was trained or
+validated on (the calibration images are drawn from the train split), or when it cannot show that it
+would not (the model's split cannot be reproduced); ``eval.allow_overlap=true`` scores anyway and
+records the overlap. A model without a fingerprint is scored with a warning that leakage was not
+checked. Metrics (accuracy, per-class precision / recall / F1, macro-F1, AUC, confusion, ECE) are
+printed and written as JSON (eval.out, default beside the model; ``<run>/eval.json`` for a run).
 """
+from __future__ import annotations
+
+import copy
 import json
 from pathlib import Path
 
-from edgeus.errors import EdgeusError
+from edgeus.errors import DataLeakError, EdgeusError, InputError
 
-USAGE = "<checkpoint.pt | model.onnx> [data=...] [eval.split=test] [eval.out=FILE]"
+USAGE = ("<checkpoint.pt | model.onnx | model.engine> [eval.split=test] [eval.split_from=model|data] "
+         "[eval.allow_overlap=false] [data=...] [eval.out=FILE]   |   run=<compress run dir>")
+ENGINE = (".engine", ".plan", ".trt")
+
+
+# ---------------------------------------------------------------------------------------------- the model
+def model_record(path: str | Path) -> dict:
+    """What a model file says about itself: {path, kind, model, classes, preprocessing, data}."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"model file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in (".pt", ".pth"):
+        from edgeus.train.checkpoint import load_checkpoint
+
+        model, ckpt = load_checkpoint(path)
+        return {"path": path, "kind": "checkpoint", "model": model, "classes": list(ckpt["classes"]),
+                "preprocessing": dict(ckpt["preprocessing"]), "data": ckpt.get("data") or None}
+    if suffix == ".onnx":
+        from edgeus.onnx.metadata import model_info
+
+        info = model_info(path)
+        return {"path": path, "kind": "onnx", "model": str(path), "classes": info["classes"],
+                "preprocessing": info["preprocessing"], "data": info["data"] or None}
+    if suffix in ENGINE:
+        return _engine_record(path)
+    raise InputError(f"{path}: not a model file edgeus evaluates (.pt, .onnx, .engine / .plan)")
+
+
+def _engine_record(path: Path) -> dict:
+    """An engine carries no metadata: read it from the bundle beside it (labels.json, preprocessing.json)
+    or from an edgeus ONNX model next to it (its classes, preprocessing and data fingerprint)."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        from edgeus.errors import MissingDependencyError
+
+        raise MissingDependencyError(f"edgeus eval {path.name}: TensorRT is not installed here (it needs an NVIDIA "
+                                     "GPU; on a Jetson it comes with JetPack); evaluate the ONNX model instead") from None
+    from edgeus.onnx.metadata import model_info
+
+    rec = {"path": path, "kind": "engine", "model": str(path), "classes": None, "preprocessing": None, "data": None}
+    for d in (path.parent, path.parent.parent):
+        onnx_files = sorted(d.glob("*.onnx")) + sorted((d / "model").glob("*.onnx"))
+        same_stem = [p for p in onnx_files if p.stem == path.stem]
+        for cand in same_stem + [p for p in onnx_files if ".int8" in p.name] + onnx_files:
+            info = model_info(cand)
+            if info["classes"] and info["preprocessing"]:
+                rec.update(classes=info["classes"], preprocessing=info["preprocessing"], data=info["data"] or None,
+                           metadata_from=str(cand))
+                return rec
+        if (d / "labels.json").is_file() and (d / "preprocessing.json").is_file():
+            rec.update(classes=json.loads((d / "labels.json").read_text()).get("classes"),
+                       preprocessing=json.loads((d / "preprocessing.json").read_text()),
+                       metadata_from=str(d))
+            return rec
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------- the data
+def _apply_model(data, rec: dict) -> None:
+    pre = rec.get("preprocessing") or {}
+    for key in ("image_size", "in_chans", "mean", "std"):
+        if pre.get(key) is not None:
+            data[key] = pre[key]
+    if rec.get("classes"):
+        data.classes = list(rec["classes"])
+
+
+def _explicit(cfg) -> set[str]:
+    return {a.partition("=")[0].strip().lstrip("+") for a in (cfg.command_line or [])}
+
+
+def data_for(cfg, rec: dict, split_from: str) -> tuple[object, list[str]]:
+    """The data section a model is scored on, and notes on the settings it overrode."""
+    from edgeus.data.fingerprint import source_overrides
+
+    data, notes = copy.deepcopy(cfg.data), []
+    fp = rec.get("data")
+    if fp and split_from == "model":
+        explicit = _explicit(cfg)
+        for k, v in source_overrides(fp).items():
+            if k == "root" and "data.root" in explicit:
+                continue   # the user says where the dataset is now
+            if (f"data.{k}" in explicit or (k == "name" and "data" in explicit)) and data[k] != v:
+                notes.append(f"data.{k}={data[k]} ignored: the model's own split uses {v!r} "
+                             "(eval.split_from=data scores the data as given)")
+            data[k] = v
+    _apply_model(data, rec)
+    return data, notes
+
+
+def _source(data) -> dict:
+    from edgeus.data.fingerprint import SOURCE_KEYS, plain
+
+    out = {k: plain(data[k]) for k in SOURCE_KEYS}
+    out["root"] = str(Path(out["root"]).resolve()) if out["root"] else None
+    return out
+
+
+def leak_check(rec: dict, bundle, data, split: str, allow: bool) -> dict:
+    """Raise DataLeakError when ``bundle``'s ``split`` holds images ``rec``'s model was trained or validated
+    on, or when the model's split cannot be reproduced to show it does not (unless ``allow``).
+    Returns what was checked (JSON-able)."""
+    from edgeus.data import build_datasets
+    from edgeus.data.fingerprint import overlap, source_overrides, verify_split
+    from edgeus.errors import DataError
+
+    name, fp = rec["path"].name, rec.get("data")
+    if not fp:
+        note = (f"{name} carries no data fingerprint: whether it saw these images cannot be checked "
+                "(models written by this edgeus carry one)")
+        print(f"warning: {note}")
+        return {"checked": False, "note": note}
+    fp_src = source_overrides(fp)
+    same = {k: v for k, v in _source(data).items() if k != "root"} == {k: v for k, v in fp_src.items() if k != "root"}
+    model_bundle, root = bundle, data.root
+    if not same:
+        mdata = copy.deepcopy(data)
+        for k, v in fp_src.items():
+            mdata[k] = v
+        if fp_src.get("root") and not Path(fp_src["root"]).exists() and data.root and data.name == fp_src.get("name"):
+            mdata.root = data.root   # the model's dataset moved to data.root
+        root = mdata.root
+        try:
+            model_bundle = build_datasets(mdata)
+        except DataError as e:
+            model_bundle, why = None, f"its dataset cannot be read ({e})"
+    bad = verify_split(model_bundle, fp, root=root) if model_bundle is not None else None
+    if model_bundle is not None and bad:
+        why = (f"the rebuilt {', '.join(bad)} file list(s) differ from the model's fingerprint (the dataset "
+               "changed, or the data settings differ from the model's)")
+    if model_bundle is None or bad:
+        msg = (f"cannot show that {name} never saw the {split} split: its own split cannot be reproduced — {why}. "
+               "Point data.root at the dataset it was trained on, or score anyway with eval.allow_overlap=true")
+        if not allow:
+            raise DataLeakError(msg)
+        print(f"warning: {msg}")
+        return {"checked": False, "note": msg, "allowed": True}
+    ids = bundle.ids(split)
+    shared = overlap(ids, model_bundle, ("train", "val"))
+    report = {"checked": True, "split_verified": True, "overlap": len(shared), "n": len(ids),
+              "fingerprint": {"dataset": fp.get("dataset"), "seed": fp.get("seed"), "split": fp.get("split"),
+                              "sha256": fp.get("sha256")},
+              "calibration": ("drawn from the train split (the quantiser refuses val/test images): covered by "
+                              "the train check" if (fp.get("sha256") or {}).get("calibration") else None)}
+    if shared:
+        msg = (f"{len(shared)} of the {len(ids)} images of the {split} split were used to train or validate {name} "
+               f"(e.g. {', '.join(Path(s).name for s in shared[:3])}); scoring them would overstate it. Use the "
+               "model's test split (eval.split=test, eval.split_from=model), or eval.allow_overlap=true to score anyway")
+        if not allow:
+            raise DataLeakError(msg)
+        print(f"warning: {msg}")
+        report["allowed"] = True
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+def score(cfg, rec: dict, data, split: str, *, bundle=None, notes=()) -> dict:
+    """Metrics of ``rec``'s model on ``split`` of ``data`` (built unless ``bundle``), after the leak check."""
+    from edgeus.data import build_datasets, build_loaders
+    from edgeus.evaluate import evaluate_model
+    from edgeus.train.run import resolve_device
+
+    bundle = bundle or build_datasets(data)
+    if rec.get("classes") and list(rec["classes"]) != list(bundle.classes):
+        raise InputError(f"{rec['path']} predicts classes {list(rec['classes'])}, the data has {bundle.classes}")
+    leak = leak_check(rec, bundle, data, split, bool(cfg.eval.allow_overlap))
+    loader = build_loaders(bundle, data)[split if split != "train" else "train_plain"]
+    metrics = evaluate_model(rec["model"], loader, bundle.classes, resolve_device(cfg.device), int(cfg.eval.ece_bins))
+    metrics["evaluated"] = {"model": str(rec["path"]), "kind": rec["kind"], "dataset": bundle.name,
+                            "split": split, "preprocessing": dict(bundle.preprocessing), "leak_check": leak,
+                            "notes": list(notes)}
+    return metrics
+
+
+def _check(cfg) -> str:
+    split_from = str(cfg.eval.split_from)
+    if split_from not in ("model", "data"):
+        raise EdgeusError(f"eval.split_from={split_from!r}; expected model or data")
+    if cfg.eval.split not in ("train", "val", "test"):
+        raise EdgeusError(f"eval.split={cfg.eval.split!r}; expected train, val or test")
+    return split_from
 
 
 def run(cfg, args):
-    from edgeus.data import build_datasets, build_loaders
-    from edgeus.evaluate import evaluate_model, format_metrics
-    from edgeus.train.checkpoint import load_checkpoint
-    from edgeus.train.run import resolve_device
+    from edgeus.evaluate import format_metrics
 
+    split_from = _check(cfg)
+    run_dir = cfg.eval.run or cfg.run or (args[0] if args and Path(args[0]).is_dir() else None)
+    if run_dir:
+        return _run_dir(cfg, Path(run_dir))
     path = args[0] if args else cfg.eval.checkpoint
     if not path:
-        raise EdgeusError("give the model to evaluate: edgeus eval <checkpoint.pt | model.onnx>")
-    path = Path(path)
-    if not path.is_file():
-        raise EdgeusError(f"model file not found: {path}")
-    model, classes, pre = str(path), None, None
-    if path.suffix in (".pt", ".pth"):
-        model, ckpt = load_checkpoint(path)
-        classes, pre = ckpt["classes"], ckpt["preprocessing"]
-    else:
-        import onnx
+        raise EdgeusError("give the model to evaluate: edgeus eval <checkpoint.pt | model.onnx | model.engine>, "
+                          "or a compress run: edgeus eval run=<run dir>")
+    rec = model_record(path)
+    data, notes = data_for(cfg, rec, split_from)
+    for n in notes:
+        print(f"note: {n}")
+    metrics = score(cfg, rec, data, cfg.eval.split, notes=notes)
+    ev = metrics["evaluated"]
+    print(format_metrics(metrics, f"{rec['path'].name} on the {cfg.eval.split} split of {ev['dataset']} "
+                                  f"({ev['preprocessing']['image_size']} px):"))
+    out = Path(cfg.eval.out or cfg.out or rec["path"].with_suffix(f".{cfg.eval.split}.metrics.json"))
+    out.write_text(json.dumps(metrics, indent=1, default=str))
+    print(f"metrics written to {out}")
+    return 0
 
-        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        classes = json.loads(meta["classes"]) if "classes" in meta else None
-        pre = json.loads(meta["preprocessing"]) if "preprocessing" in meta else None
-    if pre:  # the model's own preprocessing wins over the defaults
-        cfg.data.image_size, cfg.data.in_chans = int(pre["image_size"]), int(pre["in_chans"])
-        cfg.data.mean, cfg.data.std = list(pre["mean"]), list(pre["std"])
-    bundle = build_datasets(cfg.data)
-    if classes is not None and list(classes) != bundle.classes:
-        raise EdgeusError(f"{path} predicts classes {list(classes)}, the data has {bundle.classes}")
-    loader = build_loaders(bundle, cfg.data)[cfg.eval.split if cfg.eval.split != "train" else "train_plain"]
-    metrics = evaluate_model(model, loader, bundle.classes, resolve_device(cfg.device), int(cfg.eval.ece_bins))
-    print(format_metrics(metrics, f"{path.name} on the {cfg.eval.split} split of {bundle.name}:"))
-    out = Path(cfg.eval.out or cfg.out or path.with_suffix(f".{cfg.eval.split}.metrics.json"))
-    out.write_text(json.dumps(metrics, indent=1))
+
+def run_models(run_dir: Path) -> dict[str, Path]:
+    """The teacher and the final student of a compress run directory (from its state.json)."""
+    state_path = run_dir / "state.json"
+    if not state_path.is_file():
+        raise InputError(f"{run_dir}: not a compress run directory (no state.json)")
+    arts = json.loads(state_path.read_text()).get("artifacts", {})
+
+    def path(key):
+        v = arts.get(key)
+        if not v:
+            return None
+        p = Path(v)
+        return p if p.is_absolute() else run_dir / p
+
+    teacher = path("teacher_model") or path("teacher_onnx")
+    student = path("int8_onnx") or path("onnx") or path("model")
+    if teacher is None or student is None:
+        raise InputError(f"{run_dir}: the run has no teacher or no student yet (artifacts: {sorted(arts)})")
+    out = {"teacher": teacher}
+    if student != teacher:
+        out["student"] = student
+    return out
+
+
+def _run_dir(cfg, run_dir: Path) -> int:
+    from omegaconf import OmegaConf
+
+    from edgeus.data import build_datasets
+    from edgeus.evaluate import format_metrics
+
+    models = run_models(run_dir)
+    saved = OmegaConf.load(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else {}
+    base = copy.deepcopy(cfg.data)
+    for k, v in (saved.get("data") or {}).items():   # the run's data: its test split
+        if k == "root" and "data.root" in _explicit(cfg):
+            continue
+        base[k] = v
+    results, bundles = {}, {}
+    for role, path in models.items():
+        rec = model_record(path)
+        data = copy.deepcopy(base)
+        _apply_model(data, rec)
+        key = json.dumps(OmegaConf.to_container(data) if hasattr(data, "_get_node") else str(data), sort_keys=True)
+        if key not in bundles:
+            bundles[key] = build_datasets(data)
+        m = score(cfg, rec, data, cfg.eval.split, bundle=bundles[key])
+        print(format_metrics(m, f"{role} {path.name} on the run's {cfg.eval.split} split ({m['evaluated']['dataset']}):"))
+        results[role] = m
+    if "student" in results:
+        t, s = results["teacher"], results["student"]
+        print(f"student - teacher: accuracy {s['accuracy'] - t['accuracy']:+.4f}, macro-F1 "
+              f"{s['macro_f1'] - t['macro_f1']:+.4f}; recall " +
+              ", ".join(f"{c} {s['recall'][c] - t['recall'][c]:+.3f}" for c in t["recall"]))
+    out = Path(cfg.eval.out or cfg.out or run_dir / f"eval.{cfg.eval.split}.json")
+    out.write_text(json.dumps({"run": str(run_dir), "split": cfg.eval.split, "models": results}, indent=1, default=str))
     print(f"metrics written to {out}")
     return 0

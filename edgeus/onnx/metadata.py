@@ -70,5 +70,21 @@ def copy_metadata(src: str | Path, dst: str | Path, extra: dict | None = None) -
     onnx.save(d, str(dst))
 
 
-__all__ = ["write_metadata", "read_metadata", "model_info", "copy_metadata", "CLASSES", "PREPROCESSING", "ARCH",
+def add_calibration(path: str | Path, calibration_ids) -> bool:
+    """Add the calibration file list's hash to the data fingerprint (``edgeus.data``) of the ONNX file at
+    ``path``; False (file untouched) when the file carries no fingerprint."""
+    import onnx
+
+    from edgeus.data.fingerprint import with_calibration
+
+    m = onnx.load(str(path))
+    fp = read_metadata(m).get(DATA)
+    if not isinstance(fp, dict):
+        return False
+    write_metadata(m, {DATA: with_calibration(fp, calibration_ids)})
+    onnx.save(m, str(path))
+    return True
+
+
+__all__ = ["write_metadata", "read_metadata", "model_info", "copy_metadata", "add_calibration", "CLASSES", "PREPROCESSING", "ARCH",
            "DATA", "QUANTIZATION", "VERSION", "OPSET"]
