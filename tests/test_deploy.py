@@ -744,6 +744,15 @@ def test_on_device_tool_decides_like_verify(bundle, tmp_path):
     tool = bundle / "tools" / "edgeus_device.py"
     p = subprocess.run([sys.executable, str(tool), "verify"], capture_output=True, text=True)
     assert p.returncode == 0 and "verified" in p.stdout, p.stdout + p.stderr
+    import glob
+
+    # JetPack 5's Python 3.8, where this machine has one (stdlib only: no numpy, no cryptography needed)
+    for py38 in [shutil.which("python3.8"), *glob.glob(str(Path.home() / ".pyenv/versions/3.8*/bin/python3.8"))]:
+        if py38 and subprocess.run([py38, "-c", "import sys; assert sys.version_info[:2] == (3, 8)"],
+                                   capture_output=True).returncode == 0:
+            p = subprocess.run([py38, str(tool), "verify"], capture_output=True, text=True)
+            assert p.returncode == 0 and "verified" in p.stdout, p.stdout + p.stderr
+            break
     p = subprocess.run([sys.executable, str(tool), "verify", "--bundle", str(bundle.with_name("fw.tar.gz"))],
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr

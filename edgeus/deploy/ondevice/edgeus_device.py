@@ -675,8 +675,10 @@ def main(argv=None):
     a = ap.parse_args(argv)
     bundle = Path(a.bundle) if a.bundle else Path(__file__).resolve().parent.parent
     if bundle.is_file():
+        import atexit
         import tempfile
         tmp = tempfile.mkdtemp(prefix="edgeus-bundle-")
+        atexit.register(shutil.rmtree, tmp, True)
         try:
             bundle = safe_extract(bundle, tmp)
         except ValueError as e:
