@@ -189,29 +189,89 @@ def test_cpu_layout_is_uint8_asymmetric_and_tensorrt_layout_passes_the_checker(t
     assert header.startswith("TRT-") and "input" in scales and all(s > 0 for s in scales.values())
 
 
-def test_residual_add_inputs_are_quantised_for_tensorrt(tmp_path):
-    """A residual block: TensorRT wants Q/DQ on both Add inputs and symmetric per-channel weights."""
-    class Res(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 3, padding=1)
-            self.fc = torch.nn.Linear(4, 3)
+class LayerNormResidual(torch.nn.Module):
+    """Conv -> hand-written LayerNorm (ReduceMean, Sub, Pow, Add eps, Sqrt, Div, affine Mul/Add) -> Conv,
+    a residual add (conv branch + skip), a Slice + Slice add and a Mul + Mul add (neither residual)."""
 
-        def forward(self, x):
-            y = torch.relu(self.a(x))
-            return self.fc(torch.relu(self.b(y) + y).mean((2, 3)))
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.g, self.beta = torch.nn.Parameter(torch.rand(8) + 0.5), torch.nn.Parameter(torch.rand(8) - 0.5)
+        self.fc = torch.nn.Linear(8, 3)
 
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        mu = y.mean(1, keepdim=True)
+        var = (y - mu).pow(2).mean(1, keepdim=True)
+        n = (y - mu) / torch.sqrt(var + 1e-5) * self.g[None, :, None, None] + self.beta[None, :, None, None]
+        z = self.b(n) + y                                   # residual: the conv branch fuses, the skip y is quantised
+        s = z[:, :4] + z[:, 4:]                             # slice + slice: not residual
+        m = torch.sigmoid(s) * s + s * 0.5                  # mul + mul: not residual
+        return self.fc(torch.cat([m, s], 1).mean((2, 3)))
+
+
+def test_tensorrt_placement_skips_normalisation_and_quantises_the_residual_skip(tmp_path):
     from edgeus.data import build_datasets
+    from edgeus.quantize.placement import NORM_INTERNALS, placement_problems
 
-    cfg = make_cfg("data.n_per_class=6", "data.image_size=16", f"target={TRT}", "quantize.num_images=9", tiny=False)
+    cfg = make_cfg("data.n_per_class=6", "data.image_size=16", f"target={TRT}", "quantize.num_images=9",
+                   "quantize.fallback=none", "quantize.qat=false", tiny=False)
     bundle = build_datasets(cfg.data)
-    export_onnx(Res().eval(), tmp_path / "r.onnx", cfg, bundle)
-    quantize(tmp_path / "r.onnx", tmp_path / "r.int8.onnx", cfg, bundle)
+    torch.manual_seed(0)
+    export_onnx(LayerNormResidual().eval(), tmp_path / "r.onnx", cfg, bundle)
+    r = quantize(tmp_path / "r.onnx", tmp_path / "r.int8.onnx", cfg, bundle)
     m = onnx.load(str(tmp_path / "r.int8.onnx"))
     producer = {o: n for n in m.graph.node for o in n.output}
-    add = next(n for n in m.graph.node if n.op_type == "Add")
-    assert all(producer[i].op_type == "DequantizeLinear" for i in add.input)
-    assert check_tensorrt_qdq(m, require_qdq=True) == []
+    consumers = {}
+    for n in m.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    fed_by_dq = {c.op_type for n in m.graph.node if n.op_type == "DequantizeLinear" for c in consumers.get(n.output[0], [])}
+    assert fed_by_dq == {"Conv", "Gemm", "Add"}                 # weighted ops and the one residual add only
+    assert not fed_by_dq & (NORM_INTERNALS | {"Sub", "Mul", "Slice", "Concat", "Sigmoid", "GlobalAveragePool"})
+    adds = [n for n in m.graph.node if n.op_type == "Add"]
+    quantised_adds = [n for n in adds if any(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear"
+                                             for i in n.input)]
+    assert len(quantised_adds) == 1                              # not eps, affine, slice+slice, mul+mul
+    res = quantised_adds[0]
+    kinds = sorted(producer[i].op_type for i in res.input)
+    assert kinds == ["Conv", "DequantizeLinear"]                 # conv branch straight in, skip through Q/DQ
+    skip_q = producer[producer[next(i for i in res.input if producer[i].op_type == "DequantizeLinear")].input[0]]
+    assert producer[skip_q.input[0]].op_type == "Relu"           # the skip is y = relu(conv a)
+    assert producer[m.graph.output[0].name].op_type == "Gemm"    # logits stay float
+    assert placement_problems(m) == [] and check_tensorrt_qdq(m, require_qdq=True, placement=True) == []
+    assert r["tensorrt_check"] == []
+
+
+def test_placement_checker_flags_qdq_on_normalisation_internals(tmp_path, monkeypatch):
+    """The old layout (Q/DQ on both inputs of every Add) is what the placement rules reject."""
+    from edgeus.data import build_datasets
+    from edgeus.quantize import placement
+    from edgeus.quantize.placement import placement_problems
+
+    monkeypatch.setattr(placement, "detach_float_consumers", lambda model, residual: 0)   # as before this change
+    cfg = make_cfg("data.n_per_class=6", "data.image_size=16", f"target={TRT}", "quantize.num_images=9", tiny=False)
+    bundle = build_datasets(cfg.data)
+    export_onnx(LayerNormResidual().eval(), tmp_path / "r.onnx", cfg, bundle)
+    data = inputs_from_bundle(bundle, cfg.quantize)
+    lay = QDQLayout.from_target(cfg.target)
+    lay.op_types, lay.residual_qdq = ["Conv", "Gemm", "MatMul", "Add"], False     # every Add quantised, as before
+    out = tmp_path / "old.int8.onnx"
+    out.write_bytes(b"an older model under the final name")
+    with pytest.raises(EdgeusError, match="normalisation internals: ReduceMean"):
+        quantize_onnx(tmp_path / "r.onnx", out, cfg.quantize, layout=lay, recovery=False,
+                      calibration=data["calibration"], evaluation=data["evaluation"], target="old")
+    # a failed quantise leaves nothing under the final name (and no temporary file beside it)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".old.int8.onnx")]
+    # the same layout checked directly
+    lay.residual_qdq = None
+    from edgeus.quantize.fallback import Quantiser as Q
+
+    work = tmp_path / "old.quant"
+    Q(work / "fp32.pre.onnx", lay, work / "ranges.json", "minmax")(tmp_path / "raw.onnx")
+    problems = placement_problems(tmp_path / "raw.onnx")
+    assert any("not the skip input of a residual add" in p for p in problems), problems
+    assert any("Pow" in p or "ReduceMean" in p for p in problems), problems
 
 
 # ------------------------------------------------------------------------------ checker on bad models
@@ -312,3 +372,210 @@ def test_qat_exports_the_ptq_layout(trained, ptq, tmp_path):
     assert qdq.layout_signature(tmp_path / "qat.int8.onnx") == qdq.layout_signature(d / "trt.int8.onnx")
     x = np.stack([bundle.val[i]["image"].numpy() for i in range(len(bundle.val))])
     assert _agreement(d / "fp32.onnx", tmp_path / "qat.int8.onnx", x) >= MIN_TOP1_AGREEMENT
+
+
+# ------------------------------------------------------------------------------ ISA-aware CPU layout
+
+AVX2_HOST = "processor: 0\nflags\t\t: fpu sse2 ssse3 sse4_1 fma avx avx2 avx512f avx512bw\n"
+VNNI_HOST = "processor: 0\nflags\t\t: fpu sse2 avx avx2 avx512f avx512bw avx512_vnni\n"
+AVXVNNI_HOST = "processor: 0\nflags\t\t: fpu sse2 avx avx2 avx_vnni\n"
+ARM_DOT = "processor: 0\nFeatures\t: fp asimd evtstrm aes crc32 asimddp\n"
+ARM_NEON = "processor: 0\nFeatures\t: fp asimd evtstrm\n"
+
+
+def test_host_isa_is_read_from_cpuinfo():
+    from edgeus.quantize import isa
+
+    assert isa.parse_cpuinfo(AVX2_HOST, "x86_64")["isa"] == isa.X86_AVX2
+    assert isa.parse_cpuinfo(VNNI_HOST, "x86_64")["int8_dot"] == "avx512_vnni"
+    assert isa.parse_cpuinfo(AVXVNNI_HOST, "x86_64")["isa"] == isa.X86_VNNI
+    assert isa.parse_cpuinfo("flags : avx2 amx_tile amx_int8\n", "x86_64")["isa"] == isa.X86_VNNI
+    assert isa.parse_cpuinfo(ARM_DOT, "aarch64")["isa"] == isa.ARM_DOTPROD
+    assert isa.parse_cpuinfo(ARM_NEON, "aarch64")["isa"] == isa.ARM_NEON
+    host = isa.detect_host()                                   # this machine, whatever it is
+    assert host["isa"] in isa.ISAS + ("unknown",) and host["kernels"]
+
+
+def test_targets_state_their_isa_and_the_cpu_layout_cannot_saturate():
+    from edgeus.quantize import isa
+
+    cpu = QDQLayout.from_target(compose(["target=cpu"]).target)
+    vnni = QDQLayout.from_target(compose(["target=cpu_vnni"]).target)
+    trt = QDQLayout.from_target(compose([f"target={TRT}"]).target)
+    assert (cpu.isa, cpu.reduce_range, isa.can_saturate(cpu)) == (isa.X86_AVX2, True, False)
+    assert (vnni.isa, vnni.reduce_range, isa.can_saturate(vnni)) == (isa.X86_VNNI, False, True)
+    assert isa.target_isa(trt) == isa.TENSORRT
+    with pytest.raises(EdgeusError, match="quant.isa"):
+        QDQLayout.from_target({"layout": "onnxruntime", "isa": "avx9000"})
+
+
+@pytest.mark.parametrize("host, target, mode, warns", [
+    (AVX2_HOST, "cpu", "native", []),                               # 7-bit weights: no saturation anywhere
+    (VNNI_HOST, "cpu", "native", []),
+    (VNNI_HOST, "cpu_vnni", "native", []),                          # the target's own kernels
+    (AVX2_HOST, "cpu_vnni", "simulated", ["would saturate"]),        # host saturates, target does not
+    (AVX2_HOST, TRT, "simulated", ["TensorRT"]),
+    (VNNI_HOST, TRT, "simulated", ["TensorRT"]),
+])
+def test_evaluation_plan_measures_what_the_target_computes(host, target, mode, warns):
+    from edgeus.quantize import isa
+
+    lay = QDQLayout.from_target(compose([f"target={target}"]).target)
+    plan = isa.evaluation_plan(lay, isa.parse_cpuinfo(host, "x86_64"))
+    assert plan["mode"] == mode and (plan["optimization"] == "disable") == (mode == "simulated")
+    assert len(plan["warnings"]) == len(warns) and all(w in " ".join(plan["warnings"]) for w in warns)
+
+
+def test_full_range_u8s8_for_a_non_vnni_target_warns_that_accuracy_will_not_hold():
+    from edgeus.quantize import isa
+
+    lay = QDQLayout.from_target({"layout": "onnxruntime", "isa": "x86_avx2", "reduce_range": False})
+    plan = isa.evaluation_plan(lay, isa.parse_cpuinfo(VNNI_HOST, "x86_64"))
+    text = " ".join(plan["warnings"])
+    assert plan["mode"] == "simulated" and "saturates" in text and "will NOT hold" in text
+
+
+def _saturation_model(tmp_path):
+    """Gemm classifier over non-negative features: class A reads 16 features in adjacent pairs (weight 1, 1),
+    class B reads 16 features spread out (weight 1, 0): same FP32 evidence, but only A's pairs can overflow int16."""
+    k = 48
+    w = np.zeros((2, k), np.float32)
+    w[0, :16] = 1.0
+    w[1, 16:48:2] = 1.0
+    x = np.full((40, k), 0.6, np.float32)
+    x[:20, :16] = 1.0                     # class A images
+    x[20:, 16:48:2] = 1.0                 # class B images
+    y = np.repeat([0, 1], 20)
+    lin = torch.nn.Linear(k, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(w))
+        lin.bias.zero_()
+    torch.onnx.export(lin.eval(), (torch.from_numpy(x[:1]),), str(tmp_path / "lin.onnx"), input_names=["input"],
+                      output_names=["logits"], opset_version=17, dynamic_axes={"input": {0: "b"}, "logits": {0: "b"}},
+                      dynamo=False)
+    return x, y
+
+
+def _emulated_logits(path, x, saturate):
+    """The Gemm's integer arithmetic as ONNX Runtime's U8S8 kernel does it, from the Q/DQ model's own tensors."""
+    from edgeus.quantize.isa import vpmaddubsw_dot
+
+    m = onnx.load(str(path))
+    init = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    prod = {o: n for n in m.graph.node for o in n.output}
+    gemm = next(n for n in m.graph.node if n.op_type == "Gemm")
+    xdq, wdq = prod[gemm.input[0]], prod[gemm.input[1]]
+    xs, xz = float(init[xdq.input[1]]), int(init[xdq.input[2]])
+    wq, ws = init[wdq.input[0]].astype(np.int32), init[wdq.input[1]].astype(np.float64)
+    bdq = prod[gemm.input[2]]
+    bias = init[bdq.input[0]].astype(np.float64) * init[bdq.input[1]].astype(np.float64)
+    xq = np.clip(np.round(x / xs) + xz, 0, 255).astype(np.int32)
+    acc = vpmaddubsw_dot(xq, wq, saturate=saturate) - xz * wq.sum(1)[None, :]
+    return acc * xs * ws[None, :] + bias[None, :], int(np.abs(wq).max())
+
+
+def test_u8s8_saturation_collapses_full_range_weights_and_the_cpu_layout_avoids_it(tmp_path):
+    """Host-independent: the collapse is emulated from the quantised model's integers (VPMADDUBSW adds two
+    uint8 x int8 products into a saturating int16), so it shows on a VNNI machine as on an AVX2 one."""
+    x, y = _saturation_model(tmp_path)
+    spec = C.CalibrationSpec(num_images=0, batch_size=8)
+    calib = C.CalibrationSet(x, y, [str(i) for i in range(len(x))], spec, "synthetic")
+    C.compute_ranges(tmp_path / "lin.onnx", calib, tmp_path / "r.json")
+    acc = {}
+    for target in ("cpu_vnni", "cpu"):
+        lay = QDQLayout.from_target(compose([f"target={target}"]).target)
+        out = Quantiser(tmp_path / "lin.onnx", lay, tmp_path / "r.json", "minmax")(tmp_path / f"{target}.onnx")
+        exact, wmax = _emulated_logits(out, x, saturate=False)
+        sat, _ = _emulated_logits(out, x, saturate=True)
+        # the emulation reads the model right: exact integer arithmetic is what ONNX Runtime's Q/DQ graph computes
+        np.testing.assert_allclose(exact, run_logits(out, x, optimization="disable"), atol=1e-3)
+        assert (exact.argmax(1) == y).all()
+        acc[target] = float((sat.argmax(1) == y).mean())
+        if target == "cpu":
+            assert 2 * 255 * wmax <= 32767                      # 7-bit weights: a pair can never overflow int16
+            np.testing.assert_array_equal(sat, exact)
+    assert acc["cpu_vnni"] <= 0.5 and acc["cpu"] == 1.0         # class A collapses into B without VNNI
+
+
+# ------------------------------------------------------------------------------ single channel, metadata, compress
+
+
+def test_single_output_channel_weights_pass_the_checker(tmp_path):
+    """A convolution with one output channel has one scale whether per tensor or per channel."""
+    m = _model(w_scale_per_channel=False)
+    w = next(t for t in m.graph.initializer if t.name == "w_q")
+    w.CopyFrom(numpy_helper.from_array(np.ones((1, 1, 3, 3), np.int8), "w_q"))
+    m.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 1
+    assert check_tensorrt_qdq(m, require_qdq=True) == []
+    assert any("per-tensor weight" in p for p in check_tensorrt_qdq(_model(w_scale_per_channel=False)))
+
+    class OneChannel(torch.nn.Module):          # a pruned stem: conv1 keeps a single channel
+        def __init__(self):
+            super().__init__()
+            self.conv1 = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3, padding=1), torch.nn.ReLU())
+            self.conv2 = torch.nn.Conv2d(1, 4, 3, padding=1)
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv2(self.conv1(x))).mean((2, 3)))
+
+    from edgeus.data import build_datasets
+
+    cfg = make_cfg("data.n_per_class=6", "data.image_size=16", f"target={TRT}", "quantize.num_images=9",
+                   "quantize.fallback=none", "quantize.qat=false", tiny=False)
+    bundle = build_datasets(cfg.data)
+    export_onnx(OneChannel().eval(), tmp_path / "one.onnx", cfg, bundle)
+    r = quantize(tmp_path / "one.onnx", tmp_path / "one.int8.onnx", cfg, bundle)
+    assert r["tensorrt_check"] == [] and (tmp_path / "one.int8.onnx").is_file()
+
+
+def test_isa_and_fidelity_are_recorded(trained, ptq):
+    from edgeus.quantize.isa import isa_record
+
+    _, bundle, d = trained
+    for name in ("cpu", "trt"):
+        r = ptq[name]
+        assert r["isa"]["host_isa"] and r["isa"]["target_isa"] == ("x86_avx2" if name == "cpu" else "tensorrt")
+        rec = isa_record(d / f"{name}.int8.onnx")              # what the bundle manifest records
+        assert rec["target_isa"] == r["isa"]["target_isa"] and rec["host_isa"] == r["isa"]["host_isa"]
+        fid = r["metrics"]["int8_ptq"]["fidelity"]
+        n_train, n_val = len(bundle.train_plain), len(bundle.val)
+        assert fid["n"] == 2 * n_train + n_val                  # train, val and one augmented view of each train image
+        assert set(fid["by_source"]) == {"train", "val", "augmented"} and 0 <= fid["agreement"] <= 1
+        assert set(fid["flips_per_class"]) == set(bundle.classes)
+        assert "agreement" in r["ptq_check"] and "worst_flip_rate" in r["ptq_check"]
+
+
+def test_fidelity_fails_a_model_that_val_accuracy_alone_would_pass():
+    from edgeus.quantize.fallback import tolerance_check
+
+    fp32 = {"accuracy": 0.9, "recall": {"a": 0.9, "b": 0.9}}
+    int8 = {**fp32, "fidelity": {"n": 500, "agreement": 0.95, "worst_class": "b", "worst_flip_rate": 0.1}}
+    assert tolerance_check(fp32, int8, 0.01, 0.02)["ok"]                       # val alone: identical
+    chk = tolerance_check(fp32, int8, 0.01, 0.02, min_agreement=0.99, max_class_flip_rate=0.02)
+    assert not chk["ok"] and chk["violation"] > 0 and chk["worst_flip_class"] == "b"
+
+
+@pytest.mark.slow
+def test_compress_rsmas_int8_for_jetson_completes_with_tensorrt_correct_int8(tmp_path):
+    """The flagship recipe for a Jetson target on the phantom (tiny settings): PTQ alone, TensorRT's Q/DQ rules."""
+    from edgeus.pipeline import compress
+    from edgeus.quantize.placement import NORM_INTERNALS
+
+    cfg = make_cfg("recipe=rsmas_int8", f"target={TRT}", "model.name=rsmas", "model.width=0.125",
+                   "data.n_per_class=12", "data.image_size=64", "data.batch_size=16", "train.epochs=1",
+                   "prune.finetune_epochs=1", "decompose.finetune_epochs=1", "compress.latency_iters=3",
+                   "quantize.fallback=none", "quantize.qat=false", "quantize.num_images=16", "gates.enforce=false",
+                   f"out={tmp_path / 'run'}", "seed=0")
+    compress(cfg)
+    int8 = next((tmp_path / "run").glob("*-quantize/student.int8.onnx"))
+    m = onnx.load(str(int8))
+    assert check_tensorrt_qdq(m, require_qdq=True, placement=True) == []
+    ops = {n.op_type for n in m.graph.node}
+    assert {"ReduceMean", "Sqrt"} & ops or "LayerNormalization" in ops          # the model has normalisation
+    consumers = {}
+    for n in m.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.op_type)
+    fed = {c for n in m.graph.node if n.op_type == "DequantizeLinear" for c in consumers.get(n.output[0], [])}
+    assert not fed & NORM_INTERNALS and fed <= {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add"}

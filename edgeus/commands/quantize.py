@@ -63,6 +63,16 @@ def run(cfg, args):
     print("within tolerance" if r["within_tolerance"] else
           f"OUTSIDE tolerance (accuracy drop {r['final_check']['accuracy_drop']:.4f}, worst recall drop "
           f"{r['final_check']['worst_recall_drop']:.4f} on {r['final_check']['worst_class']})")
+    isa = r["isa"]
+    print(f"ISA: host {isa['host_isa']} ({isa['host_int8_dot'] or 'no int8 dot product'}), target {isa['target_isa']}; "
+          f"accuracy measured {'with the INT8 kernels' if isa['accuracy_mode'] == 'native' else 'by Q/DQ simulation'}")
+    for w in isa["warnings"]:
+        print(f"WARNING: {w}")
+    fid = r["final_check"]
+    if "agreement" in fid:
+        print(f"agreement with FP32 on {fid['fidelity_images']} non-test images: {fid['agreement']:.4f} "
+              f"(min {fid['min_agreement']}); most flips: {fid['worst_flip_class']} {fid['worst_flip_rate']:.4f} "
+              f"(max {fid['max_class_flip_rate']})")
     if r["layout"]["layout"] == "tensorrt":
         print(f"TensorRT Q/DQ check: OK; calibration cache {r['calibration']['tensorrt_cache']}")
     return 0 if r["within_tolerance"] else 1

@@ -139,8 +139,8 @@ def qdq_facts(model: onnx.ModelProto) -> dict:
             facts["weight_dtypes"].add(dt)
             if n.op_type == "DequantizeLinear" and _weight_users(g, n):
                 scale = g.const.get(n.input[1])
-                if scale is not None and scale.size > 1:
-                    facts["per_channel_weights"] += 1
+                if scale is not None and (scale.size > 1 or _single_output_channel(g, n)):
+                    facts["per_channel_weights"] += 1   # one output channel: per-tensor is per-channel
                 else:
                     facts["per_tensor_weights"] += 1
         else:
@@ -148,14 +148,17 @@ def qdq_facts(model: onnx.ModelProto) -> dict:
     return facts
 
 
-def check_tensorrt_qdq(onnx_model_or_path, *, require_qdq: bool = False) -> list[str]:
+def check_tensorrt_qdq(onnx_model_or_path, *, require_qdq: bool = False, placement: bool = False) -> list[str]:
     """Problems that make a model unfit for TensorRT explicit quantisation ([] = OK).
 
     Rules: default-domain opset >= 13; Q/DQ only from the ONNX domain; int8 only (no uint8 tensor,
     initializer or Cast anywhere); every zero point a constant int8 zero; positive finite constant
     scales; weights of Conv/ConvTranspose/Gemm/MatMul per output channel; activations per tensor;
     no int32 (quantised bias) DequantizeLinear; no QOperator nodes. ``require_qdq`` also fails a
-    model with no Q/DQ at all (an INT8 artefact that is really FP32).
+    model with no Q/DQ at all (an INT8 artefact that is really FP32). A weight with one output
+    channel passes with a per-tensor scale (the two are the same). ``placement`` also applies the
+    placement rules of :func:`edgeus.quantize.placement.placement_problems` (Q/DQ on weighted-op and
+    residual-add skip inputs only; none on normalisation internals or the logits).
     """
     model = _load(onnx_model_or_path)
     g = _Graph(model)
@@ -222,6 +225,8 @@ def check_tensorrt_qdq(onnx_model_or_path, *, require_qdq: bool = False) -> list
                 if scale is None:
                     continue
                 if scale.size <= 1:
+                    if channels == 1:
+                        continue    # one output channel: per-tensor and per-channel are the same scale
                     problems.append(f"{where}: per-tensor weight scale for {g.label(user)} "
                                     f"(TensorRT wants per-output-channel weights, axis {want})")
                     continue
@@ -234,7 +239,19 @@ def check_tensorrt_qdq(onnx_model_or_path, *, require_qdq: bool = False) -> list
             problems.append(f"{where}: per-channel scale on activation '{n.input[0]}' (TensorRT wants activations per tensor)")
     if require_qdq and n_qdq == 0:
         problems.append("model: no QuantizeLinear/DequantizeLinear nodes (not an explicitly quantised model)")
+    if placement:
+        from edgeus.quantize.placement import placement_problems
+
+        problems.extend(placement_problems(model))
     return problems
+
+
+def _single_output_channel(g: _Graph, dq: onnx.NodeProto) -> bool:
+    w = _weight_array(g, dq.input[0])
+    users = _weight_users(g, dq)
+    if w is None or not users or not w.ndim:
+        return False
+    return all(w.shape[axis % w.ndim] == 1 for _, axis in users)
 
 
 def _weight_array(g: _Graph, tensor: str) -> np.ndarray | None:

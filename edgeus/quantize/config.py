@@ -26,12 +26,15 @@ class ExportConfig:
 class QuantizeConfig:
     enabled: bool = True
     calibration: str = "default"       # calibration spec: calibration/<name>.yaml or a path to a YAML file
-    method: Optional[str] = None       # minmax | entropy | percentile (overrides the spec)
+    method: Optional[str] = None       # minmax | entropy | percentile (overrides the spec; ORT has no MSE calibrator)
     num_images: Optional[int] = None   # calibration images (overrides the spec; 0 = the whole train split)
     percentile: Optional[float] = None # percentile method (overrides the spec; default 99.99)
     eval_split: str = "val"            # split on which INT8 is compared with FP32 (never the calibration split)
     max_accuracy_drop: float = 0.01    # tolerance: top-1 accuracy (fraction, 0.01 = 1 point)
     max_recall_drop: float = 0.02      # tolerance: recall of any single class
+    min_agreement: float = 0.99        # tolerance: FP32/INT8 top-1 agreement on every non-test image (train, val, views)
+    max_class_flip_rate: float = 0.02  # tolerance: fraction of one class's non-test images whose top-1 flips
+    fidelity_views: int = 1            # augmented views of each train image in the fidelity set (0: none)
     fallback: str = "sensitivity"      # sensitivity | none (inc: see README, not usable with onnxruntime here)
     sensitivity: str = "single"        # single (quantise one node at a time) | leave_one_out (exclude one at a time)
     max_fallback_nodes: int = 8        # at most this many nodes kept in floating point

@@ -40,18 +40,30 @@ def drift(ref_logits: np.ndarray, logits: np.ndarray) -> float:
     return kl + float(np.mean(ref_logits.argmax(1) != logits.argmax(1)))
 
 
-def tolerance_check(fp32: dict, int8: dict, max_accuracy_drop: float, max_recall_drop: float) -> dict:
-    """Compare metric dicts (edgeus.evaluate.compute_metrics); ``ok`` when both drops are within tolerance."""
+def tolerance_check(fp32: dict, int8: dict, max_accuracy_drop: float, max_recall_drop: float,
+                    min_agreement: float | None = None, max_class_flip_rate: float | None = None) -> dict:
+    """Compare metric dicts (edgeus.evaluate.compute_metrics); ``ok`` when both drops are within tolerance
+    and, when ``int8`` carries ``fidelity`` (:meth:`FidelitySet.compare`), the top-1 agreement with FP32 on
+    every non-test image is at least ``min_agreement`` and no class flips more than ``max_class_flip_rate``."""
     acc_drop = float(fp32["accuracy"] - int8["accuracy"])
     drops = {c: float(fp32["recall"][c] - int8["recall"][c]) for c in fp32["recall"]}
     worst = max(drops, key=drops.get) if drops else None
     worst_drop = drops[worst] if worst else 0.0
     eps = 1e-9
-    return {"ok": acc_drop <= max_accuracy_drop + eps and worst_drop <= max_recall_drop + eps,
-            "accuracy_drop": acc_drop, "recall_drops": drops, "worst_class": worst, "worst_recall_drop": worst_drop,
-            "max_accuracy_drop": float(max_accuracy_drop), "max_recall_drop": float(max_recall_drop),
-            # how far outside the tolerance (0 when within): used to pick the best trial when none fits
-            "violation": max(0.0, acc_drop - max_accuracy_drop) + max(0.0, worst_drop - max_recall_drop)}
+    ok = acc_drop <= max_accuracy_drop + eps and worst_drop <= max_recall_drop + eps
+    # how far outside the tolerance (0 when within): used to pick the best trial when none fits
+    violation = max(0.0, acc_drop - max_accuracy_drop) + max(0.0, worst_drop - max_recall_drop)
+    out = {"accuracy_drop": acc_drop, "recall_drops": drops, "worst_class": worst, "worst_recall_drop": worst_drop,
+           "max_accuracy_drop": float(max_accuracy_drop), "max_recall_drop": float(max_recall_drop)}
+    fid = int8.get("fidelity")
+    if fid is not None and min_agreement is not None and max_class_flip_rate is not None:
+        agree, flip = float(fid["agreement"]), float(fid["worst_flip_rate"])
+        ok = ok and agree >= min_agreement - eps and flip <= max_class_flip_rate + eps
+        violation += max(0.0, min_agreement - agree) + max(0.0, flip - max_class_flip_rate)
+        out.update({"agreement": agree, "min_agreement": float(min_agreement), "worst_flip_class": fid["worst_class"],
+                    "worst_flip_rate": flip, "max_class_flip_rate": float(max_class_flip_rate),
+                    "fidelity_images": int(fid["n"])})
+    return {"ok": ok, **out, "violation": violation}
 
 
 @dataclass
@@ -69,19 +81,20 @@ class Quantiser:
 
 
 def rank_sensitivity(quantiser: Quantiser, candidates: dict[str, str], x_rank: np.ndarray, work: Path,
-                     mode: str = "single", full_model: Path | None = None) -> list[dict]:
-    """[{node, op_type, sensitivity}] most sensitive first."""
+                     mode: str = "single", full_model: Path | None = None, optimization: str | None = None) -> list[dict]:
+    """[{node, op_type, sensitivity}] most sensitive first (INT8 run with ``optimization``, see isa.evaluation_plan)."""
     ref = run_logits(quantiser.fp32_path, x_rank)
-    base = drift(ref, run_logits(full_model, x_rank)) if (mode == "leave_one_out" and full_model) else None
+    base = (drift(ref, run_logits(full_model, x_rank, optimization=optimization))
+            if (mode == "leave_one_out" and full_model) else None)
     rows = []
     tmp = work / "sensitivity.onnx"
     for name, op in candidates.items():
         if mode == "single":
             quantiser(tmp, only=[name])
-            score = drift(ref, run_logits(tmp, x_rank))
+            score = drift(ref, run_logits(tmp, x_rank, optimization=optimization))
         elif mode == "leave_one_out":
             quantiser(tmp, exclude=[name])
-            score = float(base - drift(ref, run_logits(tmp, x_rank)))
+            score = float(base - drift(ref, run_logits(tmp, x_rank, optimization=optimization)))
         else:
             raise ValueError(f"quantize.sensitivity={mode!r}; expected single or leave_one_out")
         rows.append({"node": name, "op_type": op, "sensitivity": float(score)})
@@ -92,11 +105,12 @@ def rank_sensitivity(quantiser: Quantiser, candidates: dict[str, str], x_rank: n
 
 def greedy_fallback(quantiser: Quantiser, ranking: list[dict], evaluate: Callable[[Path], dict], fp32_metrics: dict,
                     full_metrics: dict, out_path: Path, work: Path, max_nodes: int, max_accuracy_drop: float,
-                    max_recall_drop: float) -> dict:
+                    max_recall_drop: float, **fidelity_limits) -> dict:
     """Exclude ranked nodes one at a time until within tolerance; write the chosen model to out_path."""
     full_bytes = Path(out_path).stat().st_size
     best = {"excluded": [], "metrics": full_metrics,
-            "check": tolerance_check(fp32_metrics, full_metrics, max_accuracy_drop, max_recall_drop), "path": out_path}
+            "check": tolerance_check(fp32_metrics, full_metrics, max_accuracy_drop, max_recall_drop, **fidelity_limits),
+            "path": out_path}
     steps, excluded, prev = [], [], full_metrics
     for i, row in enumerate(ranking[:max_nodes]):
         excluded.append(row["node"])
@@ -104,7 +118,7 @@ def greedy_fallback(quantiser: Quantiser, ranking: list[dict], evaluate: Callabl
         t0 = time.perf_counter()
         quantiser(trial, exclude=excluded)
         m = evaluate(trial)
-        chk = tolerance_check(fp32_metrics, m, max_accuracy_drop, max_recall_drop)
+        chk = tolerance_check(fp32_metrics, m, max_accuracy_drop, max_recall_drop, **fidelity_limits)
         steps.append({
             **row, "excluded_so_far": len(excluded),
             "accuracy": m["accuracy"], "accuracy_gain": m["accuracy"] - prev["accuracy"],

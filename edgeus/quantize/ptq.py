@@ -33,11 +33,13 @@ import time
 from pathlib import Path
 
 from edgeus.errors import EdgeusError
+from edgeus.onnx.metadata import add_calibration
 from edgeus.quantize import calibration as calib_mod
 from edgeus.quantize import fallback as fb
+from edgeus.quantize import isa as isa_mod
 from edgeus.quantize import qdq
 from edgeus.quantize.checker import check_tensorrt_qdq
-from edgeus.quantize.evalset import EvalSet, brief
+from edgeus.quantize.evalset import EvalSet, FidelitySet, brief
 from edgeus.quantize.prepare import copy_meta, preprocess
 
 log = logging.getLogger("edgeus.quantize")
@@ -76,7 +78,43 @@ def inputs_from_bundle(bundle, qcfg) -> dict:
         raise EdgeusError(f"quantize.eval_split={qcfg.eval_split!r}; expected val (or test)")
     spec = calib_mod.load_spec(str(qcfg.calibration), qcfg)
     return {"calibration": calib_mod.build_calibration_set(bundle, spec),
-            "evaluation": EvalSet(bundle.split(str(qcfg.eval_split)), list(bundle.classes), name=str(qcfg.eval_split))}
+            "evaluation": EvalSet(bundle.split(str(qcfg.eval_split)), list(bundle.classes), name=str(qcfg.eval_split)),
+            "fidelity": FidelitySet.from_bundle(bundle, views=int(qcfg.fidelity_views))}
+
+
+class Judge:
+    """Evaluates a candidate INT8 model the way the target computes it and checks it against the tolerance:
+    accuracy and per-class recall drops on the evaluation set, agreement and per-class flips on the
+    fidelity set (every non-test image)."""
+
+    def __init__(self, fp32_onnx: Path, ev: EvalSet, fid: FidelitySet | None, qcfg, optimization: str | None):
+        self.fp32_onnx, self.ev, self.fid, self.optimization = fp32_onnx, ev, fid, optimization
+        self.limits = {"max_accuracy_drop": float(qcfg.max_accuracy_drop), "max_recall_drop": float(qcfg.max_recall_drop)}
+        self.fid_limits = ({"min_agreement": float(qcfg.min_agreement),
+                            "max_class_flip_rate": float(qcfg.max_class_flip_rate)} if fid is not None else {})
+        self.fp32 = ev.metrics(fp32_onnx)
+
+    def metrics(self, path) -> dict:
+        m = self.ev.metrics(path, self.optimization)
+        if self.fid is not None:
+            m["fidelity"] = self.fid.compare(self.fp32_onnx, path, self.optimization)
+        return m
+
+    def check(self, m: dict) -> dict:
+        return fb.tolerance_check(self.fp32, m, self.limits["max_accuracy_drop"], self.limits["max_recall_drop"],
+                                  **self.fid_limits)
+
+    def tolerance(self) -> dict:
+        return {**self.limits, **self.fid_limits}
+
+
+def _brief(m: dict) -> dict:
+    out = brief(m)
+    if "fidelity" in m:
+        f = m["fidelity"]
+        out["fidelity"] = {k: f[k] for k in ("n", "agreement", "flips", "by_source", "worst_class", "worst_flip_rate")}
+        out["fidelity"]["flips_per_class"] = {c: v["flips"] for c, v in f["per_class"].items()}
+    return out
 
 
 def _tmp_name(out_path: Path) -> Path:
@@ -96,15 +134,17 @@ def calibrate(pre: Path, calib, layout: qdq.QDQLayout, qcfg, work: Path) -> dict
     return {"ranges": ranges, "ranges_json": ranges_json, "file_list": files, "tensorrt_cache": trt_cache}
 
 
-def sensitivity_fallback(quantiser: fb.Quantiser, out_path: Path, calib, ev: EvalSet, fp32_m: dict, full_m: dict,
+def sensitivity_fallback(quantiser: fb.Quantiser, out_path: Path, calib, judge: Judge, full_m: dict,
                          qcfg, work: Path) -> dict:
     """Keep the most sensitive nodes in float until within tolerance; writes the chosen model to ``out_path``."""
     cands = qdq.fallback_candidates(out_path)
     x_rank = calib.images[: min(len(calib.images), 64)]
     t0 = time.perf_counter()
-    ranking = fb.rank_sensitivity(quantiser, cands, x_rank, work, str(qcfg.sensitivity), full_model=out_path)
-    res = fb.greedy_fallback(quantiser, ranking, ev.metrics, fp32_m, full_m, out_path, work,
-                             int(qcfg.max_fallback_nodes), float(qcfg.max_accuracy_drop), float(qcfg.max_recall_drop))
+    ranking = fb.rank_sensitivity(quantiser, cands, x_rank, work, str(qcfg.sensitivity), full_model=out_path,
+                                  optimization=judge.optimization)
+    res = fb.greedy_fallback(quantiser, ranking, judge.metrics, judge.fp32, full_m, out_path, work,
+                             int(qcfg.max_fallback_nodes), float(qcfg.max_accuracy_drop), float(qcfg.max_recall_drop),
+                             **judge.fid_limits)
     report = {"method": f"sensitivity/{qcfg.sensitivity}", "candidates": len(cands),
               "ranking": ranking[: max(int(qcfg.max_fallback_nodes) * 2, 10)],
               "steps": res["steps"], "seconds": round(time.perf_counter() - t0, 2)}
@@ -113,24 +153,28 @@ def sensitivity_fallback(quantiser: fb.Quantiser, out_path: Path, calib, ev: Eva
     return {"report": report, "excluded": excluded, "metrics": res["metrics"], "check": res["check"]}
 
 
-def run_qat(qat, qcfg, layout: qdq.QDQLayout, calib, ev: EvalSet, fp32_m: dict, work: Path) -> tuple[dict, dict]:
+def run_qat(qat, qcfg, layout: qdq.QDQLayout, calib, judge: Judge, work: Path) -> tuple[dict, dict]:
     """QAT into ``work``; returns (its report with tolerance check, its metrics); the caller decides to ship it."""
     from edgeus.quantize.qat import qat_quantize
 
     qat_path = work / "qat.int8.onnx"
     qrep = qat_quantize(qat, qat_path, qcfg, layout, calib, work)
-    qm = ev.metrics(qat_path)
-    qchk = fb.tolerance_check(fp32_m, qm, float(qcfg.max_accuracy_drop), float(qcfg.max_recall_drop))
-    qrep.update({"metrics": brief(qm), "check": qchk, "path": str(qat_path)})
+    qm = judge.metrics(qat_path)
+    qchk = judge.check(qm)
+    qrep.update({"metrics": _brief(qm), "check": qchk, "path": str(qat_path)})
     return qrep, qm
 
 
 def quantize_onnx(fp32_onnx, out_path, qcfg, *, layout: qdq.QDQLayout, calibration, evaluation: EvalSet,
-                  qat=None, recovery: bool = True, teacher_onnx=None, out_dir=None, target: str = "") -> dict:
+                  fidelity: FidelitySet | None = None, qat=None, recovery: bool = True, teacher_onnx=None,
+                  out_dir=None, target: str = "", host: dict | None = None) -> dict:
     """INT8 Q/DQ model of ``fp32_onnx`` in ``layout``, calibrated on ``calibration``.
 
     ``qcfg``: the ``quantize`` section. ``calibration``: a :class:`CalibrationSet` (train split);
-    ``evaluation``: the :class:`EvalSet` INT8 is compared with FP32 on (val); ``qat``: a
+    ``evaluation``: the :class:`EvalSet` INT8 is compared with FP32 on (val); ``fidelity``: the
+    :class:`FidelitySet` (every non-test image) whose FP32/INT8 agreement the tolerance also needs
+    (None: accuracy and recall only); ``host``: this machine's ISA (default: detected,
+    :func:`edgeus.quantize.isa.detect_host`); ``qat``: a
     :class:`~edgeus.quantize.qat.QATSetup` (the torch model and how to fine-tune and export it),
     enabling QAT; ``recovery=False``: PTQ alone (no fallback, no QAT, whatever ``qcfg`` says);
     ``teacher_onnx`` is evaluated for the ledger when given; ``target``: the
@@ -153,8 +197,8 @@ def quantize_onnx(fp32_onnx, out_path, qcfg, *, layout: qdq.QDQLayout, calibrati
     out_path.unlink(missing_ok=True)          # never leave an older model under the final name if this run fails
     tmp = _tmp_name(out_path)
     try:
-        report = _quantize(fp32_onnx, out_path, tmp, qcfg, layout, calib, evaluation, qat, qat_mode, fallback,
-                           teacher_onnx, work, target, t_start)
+        report = _quantize(fp32_onnx, out_path, tmp, qcfg, layout, calib, evaluation, fidelity, qat, qat_mode,
+                           fallback, teacher_onnx, work, target, host, t_start)
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -162,41 +206,54 @@ def quantize_onnx(fp32_onnx, out_path, qcfg, *, layout: qdq.QDQLayout, calibrati
     return report
 
 
-def _quantize(fp32_onnx: Path, out_path: Path, tmp: Path, qcfg, layout, calib, ev: EvalSet, qat, qat_mode: str,
-              fallback: str, teacher_onnx, work: Path, target: str, t_start: float) -> dict:
+def isa_report(plan: dict) -> dict:
+    """The host / target ISA facts of an evaluation plan, for the report and the model's metadata."""
+    host = plan["host"]
+    return {"host_isa": host["isa"], "host_int8_dot": host.get("int8_dot"), "host_flags": host.get("flags", []),
+            "host_kernels": isa_mod.kernels(host["isa"]), "target_isa": plan["target_isa"],
+            "target_kernels": isa_mod.kernels(plan["target_isa"]), "accuracy_mode": plan["mode"],
+            "warnings": list(plan["warnings"]), "notes": list(plan.get("notes", []))}
+
+
+def _quantize(fp32_onnx: Path, out_path: Path, tmp: Path, qcfg, layout, calib, ev: EvalSet, fid, qat, qat_mode: str,
+              fallback: str, teacher_onnx, work: Path, target: str, host, t_start: float) -> dict:
+    plan = isa_mod.evaluation_plan(layout, host)
+    for w in plan["warnings"]:
+        log.warning("quantize (%s): %s", target or layout.layout, w)
     pre = preprocess(fp32_onnx, work / "fp32.pre.onnx")
     cal = calibrate(pre, calib, layout, qcfg, work)
     quantiser = fb.Quantiser(pre, layout, cal["ranges_json"], calib.spec.method)
     quantiser(tmp)
 
     classes = list(ev.classes)
-    fp32_m = ev.metrics(fp32_onnx)
-    full_m = ev.metrics(tmp)
-    chk = fb.tolerance_check(fp32_m, full_m, float(qcfg.max_accuracy_drop), float(qcfg.max_recall_drop))
+    judge = Judge(fp32_onnx, ev, fid, qcfg, plan["optimization"])
+    fp32_m = judge.fp32
+    full_m = judge.metrics(tmp)
+    chk = judge.check(full_m)
     report: dict = {
         "stage": "quantize", "input": str(fp32_onnx), "path": str(out_path), "target": str(target),
-        "layout": layout.to_dict(),
+        "layout": layout.to_dict(), "isa": isa_report(plan),
         "calibration": {**calib.describe(classes), "file_list": str(cal["file_list"]), "ranges": str(cal["ranges_json"]),
                         "tensorrt_cache": str(cal["tensorrt_cache"]) if cal["tensorrt_cache"] else None,
                         "tensors_calibrated": len(cal["ranges"])},
         "eval_split": ev.name,
-        "metrics": {"fp32": brief(fp32_m), "int8_ptq": brief(full_m)},
-        "tolerance": {"max_accuracy_drop": float(qcfg.max_accuracy_drop), "max_recall_drop": float(qcfg.max_recall_drop)},
+        "metrics": {"fp32": brief(fp32_m), "int8_ptq": _brief(full_m)},
+        "tolerance": judge.tolerance(),
         "ptq_check": chk, "fallback": None, "qat": None, "excluded_nodes": [],
     }
     final_m, final_chk, method_used = full_m, chk, "ptq"
 
     if not chk["ok"] and fallback == "sensitivity" and int(qcfg.max_fallback_nodes) > 0:
-        fbr = sensitivity_fallback(quantiser, tmp, calib, ev, fp32_m, full_m, qcfg, work)
+        fbr = sensitivity_fallback(quantiser, tmp, calib, judge, full_m, qcfg, work)
         report["fallback"], report["excluded_nodes"] = fbr["report"], fbr["excluded"]
         final_m, final_chk, method_used = fbr["metrics"], fbr["check"], "ptq+fallback"
-        report["metrics"]["int8_fallback"] = brief(final_m)
+        report["metrics"]["int8_fallback"] = _brief(final_m)
 
     if qat_mode == "true" or (qat_mode == "auto" and not final_chk["ok"]):
         if qat is None:
             report["qat"] = {"skipped": "no torch model given (model= / quantize.checkpoint=), so QAT could not run"}
         else:
-            qrep, qm = run_qat(qat, qcfg, layout, calib, ev, fp32_m, work)
+            qrep, qm = run_qat(qat, qcfg, layout, calib, judge, work)
             report["qat"] = qrep
             report["metrics"]["int8_qat"] = qrep["metrics"]
             # QAT ships when asked for, or when it is closer to the tolerance than PTQ (+ fallback)
@@ -206,14 +263,17 @@ def _quantize(fp32_onnx: Path, out_path: Path, tmp: Path, qcfg, layout, calib, e
                 report["excluded_nodes"] = []
                 qrep["chosen"] = True
 
+    isa_meta = {k: report["isa"][k] for k in ("host_isa", "host_int8_dot", "target_isa", "accuracy_mode", "warnings")}
     copy_meta(pre, tmp, {"edgeus.quantization": {"method": method_used, "layout": layout.layout,
+                                                 "reduce_range": bool(layout.reduce_range), "isa": isa_meta,
                                                  "calibration_sha256": calib.sha256,
                                                  "excluded_nodes": [e["node"] for e in report["excluded_nodes"]]}})
-    problems = check_tensorrt_qdq(tmp, require_qdq=True) if layout.layout == "tensorrt" else []
+    add_calibration(tmp, calib.ids)   # the data fingerprint (edgeus.data) gains the calibration file list
+    problems = check_tensorrt_qdq(tmp, require_qdq=True, placement=True) if layout.layout == "tensorrt" else []
     if teacher_onnx is not None:
         report["metrics"]["teacher"] = brief(ev.metrics(teacher_onnx))
     report.update({
-        "method": method_used, "metrics_final": brief(final_m), "within_tolerance": bool(final_chk["ok"]),
+        "method": method_used, "metrics_final": _brief(final_m), "within_tolerance": bool(final_chk["ok"]),
         "final_check": final_chk, "tensorrt_check": problems if layout.layout == "tensorrt" else "n/a (onnxruntime layout)",
         "qdq": qdq.summary(tmp),
         "bytes": {"fp32": fp32_onnx.stat().st_size, "int8": tmp.stat().st_size,
@@ -224,10 +284,10 @@ def _quantize(fp32_onnx: Path, out_path: Path, tmp: Path, qcfg, layout, calib, e
         (work / "report.json").write_text(json.dumps(report, indent=2, default=str))
         raise EdgeusError(f"the {layout.layout} INT8 model breaks TensorRT's Q/DQ rules ({len(problems)}): "
                           + "; ".join(problems[:3]) + f" (nothing written to {out_path}; report in {work / 'report.json'})")
-    log.info("quantised %s -> %s (%s): accuracy %.4f -> %.4f, within tolerance: %s", fp32_onnx, out_path, method_used,
-             fp32_m["accuracy"], final_m["accuracy"], final_chk["ok"])
+    log.info("quantised %s -> %s (%s): accuracy %.4f -> %.4f, agreement %s, within tolerance: %s", fp32_onnx, out_path,
+             method_used, fp32_m["accuracy"], final_m["accuracy"], final_chk.get("agreement", "n/a"), final_chk["ok"])
     return report
 
 
 __all__ = ["quantize_onnx", "inputs_from_bundle", "check_settings", "calibrate", "sensitivity_fallback", "run_qat",
-           "EvalSet", "preprocess"]
+           "Judge", "isa_report", "EvalSet", "FidelitySet", "preprocess"]

@@ -10,7 +10,12 @@ recipe, because what is fast or even accepted differs per backend:
 * ``tensorrt`` (Jetson, desktop GPUs): TensorRT's explicit quantisation — symmetric int8 with zero
   point 0 everywhere, per-output-channel weights (axis 0), per-tensor activations, float bias,
   a Q/DQ pair on each weight and a dedicated pair per consumer, Q/DQ on the *inputs* of
-  Conv/Gemm/MatMul and of residual Adds only (TensorRT fuses DQ -> Conv/Add -> Q itself).
+  Conv/Gemm/MatMul and on the skip input of residual Adds only (:mod:`edgeus.quantize.placement`;
+  TensorRT fuses DQ -> Conv -> Add -> Q itself), never on normalisation internals or the logits.
+
+The CPU layout depends on the target's ISA (``quant.isa``, :mod:`edgeus.quantize.isa`): U8S8 with
+full-range int8 weights saturates in ONNX Runtime's AVX2 kernel on CPUs without VNNI, so the
+portable ``cpu`` target sets ``reduce_range`` (7-bit weights) and ``cpu_vnni`` does not.
 
 Everything is quantised with ``onnxruntime.quantization.quantize_static`` from ranges computed
 once (:mod:`edgeus.quantize.calibration`), so re-quantising with a different set of nodes kept in
@@ -31,7 +36,7 @@ from edgeus.errors import EdgeusError
 log = logging.getLogger("edgeus.quantize")
 
 LAYOUTS = ("onnxruntime", "tensorrt")
-TRT_OP_TYPES = ["Conv", "ConvTranspose", "Gemm", "MatMul", "Add"]
+TRT_OP_TYPES = ["Conv", "ConvTranspose", "Gemm", "MatMul"]   # + the skip inputs of residual Adds (placement.py)
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 # ops whose quantisation only moves int8 data around (never worth a fallback on their own)
 DATA_MOVEMENT = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "MaxPool", "Relu", "Clip",
@@ -54,12 +59,14 @@ class QDQLayout:
     op_types: list[str] | None = None      # None: the layout's default set
     reduce_range: bool = False             # 7-bit weights (ONNX Runtime on CPUs without VNNI; off by default)
     inputs_only: bool | None = None        # Q/DQ on inputs of op_types only (None: True for tensorrt)
+    isa: str | None = None                 # the ISA the target runs on (isa.ISAS; None: tensorrt / x86_avx2)
+    residual_qdq: bool | None = None       # Q/DQ on the skip input of residual Adds (None: True for tensorrt)
 
     @classmethod
     def tensorrt(cls) -> "QDQLayout":
         return cls(layout="tensorrt", activation_type="int8", weight_type="int8", activation_symmetric=True,
                    weight_symmetric=True, per_channel=True, quantize_bias=False, add_qdq_pair_to_weight=True,
-                   dedicated_qdq_pair=True, opset=17)
+                   dedicated_qdq_pair=True, opset=17, isa="tensorrt")
 
     @classmethod
     def from_target(cls, target: Any) -> "QDQLayout":
@@ -92,6 +99,12 @@ class QDQLayout:
                 raise EdgeusError(f"quant.{key}={getattr(self, key)!r}; expected int8 or uint8")
         if self.opset < 13 and self.per_channel:
             raise EdgeusError(f"quant.opset={self.opset}: per-channel Q/DQ needs opset >= 13")
+        from edgeus.quantize.isa import ISAS
+
+        if self.isa is not None and self.isa not in ISAS:
+            raise EdgeusError(f"quant.isa={self.isa!r}; expected one of {', '.join(ISAS)}")
+        if self.layout == "tensorrt" and self.isa not in (None, "tensorrt"):
+            raise EdgeusError(f"a tensorrt quant layout runs on isa tensorrt, not {self.isa!r}")
         if self.layout == "tensorrt":
             bad = []
             if self.activation_type != "int8" or self.weight_type != "int8":
@@ -112,6 +125,10 @@ class QDQLayout:
         if self.op_types:
             return list(self.op_types)
         return list(TRT_OP_TYPES) if self.layout == "tensorrt" else None   # None = all ORT supports
+
+    @property
+    def residual_adds(self) -> bool:
+        return self.layout == "tensorrt" if self.residual_qdq is None else bool(self.residual_qdq)
 
     @property
     def only_inputs(self) -> bool:
@@ -192,6 +209,17 @@ def quantize_model(fp32_path: str | Path, out_path: str | Path, layout: QDQLayou
     finally:
         quiet.setLevel(level)
     model = onnx.load(str(out_path))
+    if layout.residual_adds:
+        from edgeus.quantize.placement import insert_input_qdq, residual_add_inputs
+
+        skips = [(n, i) for n, i in residual_add_inputs(onnx.load(str(fp32_path), load_external_data=False))
+                 if n not in set(nodes_to_exclude) and (nodes_to_quantize is None or n in nodes_to_quantize)]
+        insert_input_qdq(model, skips, ranges_cache)
+    if layout.only_inputs:
+        from edgeus.quantize.placement import detach_float_consumers
+
+        detach_float_consumers(model, skips if layout.residual_adds else [])
+        _prune_dead(model)
     if nodes_to_exclude:
         bypass_qdq(model, set(nodes_to_exclude))
     _stamp(model, layout)
