@@ -152,3 +152,32 @@ def test_class_weights_favour_the_rare_class(tmed2_tree):
     cfg = compose(["data=tmed2", f"data.root={tmed2_tree}", "data.image_size=32"])
     w = build_datasets(cfg.data).class_weights()
     assert w[0] > w[1]
+
+
+def test_16_bit_png_is_scaled_not_clipped(tmp_path):
+    from edgeus.data.readers import decode_gray
+
+    ramp = np.tile(np.linspace(0, 65535, 64).round().astype(np.uint16), (16, 1))
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    got = decode_gray(tmp_path / "ramp16.png")
+    assert got.shape == (16, 64) and got.dtype == np.float32
+    assert np.allclose(got, ramp / 65535.0, atol=1e-6)             # a ramp, not 98 % white
+    assert np.all(np.diff(got[0]) > 0) and got.min() == 0.0 and got.max() == 1.0
+    Image.fromarray((ramp >> 8).astype(np.uint8)).save(tmp_path / "ramp8.png")   # the same ramp at 8 bits
+    assert np.abs(decode_gray(tmp_path / "ramp8.png") - got).max() < 1 / 255 + 1e-6
+    # and through the dataset: the decoded 16-bit image keeps its mid-grey as mid-grey
+    for cls in ("a", "b"):
+        (tmp_path / "tree" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((32, 32), 32768, np.uint16)).save(tmp_path / "tree" / cls / f"{i}.png")
+    b = build_datasets(compose(["data=folder", f"data.root={tmp_path / 'tree'}", "data.image_size=32"]).data)
+    assert abs(int(b.train.images.pixels.mean()) - 128) <= 1
+
+
+def test_a_class_too_small_for_every_split_is_an_error_naming_it(busi_tree):
+    for p in (busi_tree / "malignant").glob("malignant (*).png"):
+        if not p.name.startswith("malignant (0)"):
+            p.unlink()
+    cfg = compose(["data=busi", f"data.root={busi_tree}", "data.image_size=32"])
+    with pytest.raises(DataError, match=r"class 'malignant' has 1 image\(s\), too few"):
+        build_datasets(cfg.data)

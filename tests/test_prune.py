@@ -278,3 +278,24 @@ def test_rsmas_recovers_after_pruning_and_finetuning():
     assert accuracy(model) == acc0                                     # the unpruned model was not touched
     acc1 = accuracy(pruned)
     assert acc1 >= acc0 - 0.02, (acc0, acc1)
+
+
+@pytest.mark.parametrize("target", ["prune.ratio=0.5", "prune.target_macs=0.5"])
+def test_prune_never_modifies_its_input_which_can_be_the_teacher(target):
+    """issue 21.5: prune.ratio pruned the model it was given (the teacher) in place; both targets copy."""
+    from edgeus.data import build_datasets
+    from edgeus.finetune import make_finetuner
+
+    cfg = make_cfg(*OWN, "prune.target_macs=null", target, "prune.finetune_epochs=1", "train.max_steps_per_epoch=1")
+    bundle = build_datasets(cfg.data)
+    torch.manual_seed(0)
+    model = create_model("simple_cnn", num_classes=3, width=0.25).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ft = make_finetuner(cfg, bundle, teacher=model)          # the unpruned model teaches its pruned copy
+    pruned, rep = _prune(model, cfg, finetune=ft)
+    assert pruned is not model and rep["macs_ratio"] < 0.8
+    assert rep["structured"]["finetune"]["with_teacher"]
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], v) for k, v in before.items())   # same shapes, same values
+    assert not getattr(model, "edgeus_transforms", [])                 # no pruning record on the original

@@ -102,3 +102,90 @@ def test_data_parallel_training_with_two_gloo_processes(tmp_path):
     assert len(hist) == 2
     model, _ = load_checkpoint(out / "best.pt")
     assert model(torch.randn(1, 1, 32, 32)).shape == (1, 3)
+
+
+def _saved(tmp_path, name="m.pt", classes=("a", "b", "c"), **arch):
+    model = create_model("simple_cnn", num_classes=3, in_chans=1, width=0.25)
+    path = save_checkpoint(tmp_path / name, model, classes=list(classes), preprocessing={})
+    return path, read_checkpoint(path)
+
+
+def test_nan_or_inf_weights_are_refused_at_load(tmp_path):
+    path, raw = _saved(tmp_path)
+    key = next(k for k, v in raw["state_dict"].items() if v.is_floating_point())
+    for bad in (float("nan"), float("inf")):
+        raw["state_dict"][key].view(-1)[0] = bad
+        torch.save(raw, tmp_path / "bad.pt")
+        with pytest.raises(CheckpointError, match=f"NaN or Inf weights \\(in {key}\\)") as e:
+            load_checkpoint(tmp_path / "bad.pt")
+        assert "\n" not in str(e.value)
+
+
+def test_head_size_must_match_the_class_names(tmp_path):
+    path, raw = _saved(tmp_path)
+    raw["classes"] = ["benign", "malignant"]            # 3 outputs, 2 names
+    torch.save(raw, tmp_path / "two.pt")
+    with pytest.raises(CheckpointError, match="3 outputs but the checkpoint names 2 classes"):
+        load_checkpoint(tmp_path / "two.pt")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda a: a.pop("name"), "no arch.name"),
+    (lambda a: a.update(name="no_such_net"), "cannot be built"),
+    (lambda a: a.update(kwargs={"bogus": 1}), "cannot be built with its settings"),
+    (lambda a: a.pop("width"), "arch lacks width"),
+])
+def test_malformed_but_safe_checkpoints_are_one_line_errors(tmp_path, edit, message):
+    path, raw = _saved(tmp_path)
+    edit(raw["arch"])
+    torch.save(raw, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match=message) as e:
+        load_checkpoint(tmp_path / "odd.pt")
+    assert "\n" not in str(e.value) and str(tmp_path / "odd.pt") in str(e.value)
+
+
+def test_pickle_refusal_does_not_advise_turning_the_check_off(tmp_path):
+    from fractions import Fraction   # a pickled object: weights_only=True refuses it (edgeus must not suggest otherwise)
+
+    torch.save({"format": "edgeus-checkpoint/1", "obj": Fraction(1, 3)}, tmp_path / "pickled.pt")
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(tmp_path / "pickled.pt")
+    msg = str(e.value)
+    assert "pickled Python objects" in msg and "weights_only=False" not in msg and "\n" not in msg
+
+
+def test_a_failed_save_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import errno
+
+    from edgeus.train import checkpoint as ck
+
+    def full_disk(obj, f):
+        with open(f, "wb") as fh:
+            fh.write(b"half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck.torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        ck.atomic_save({"a": 1}, tmp_path / "last.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("arg, key", [("train.epochs=0", "train.epochs"), ("data.batch_size=0", "data.batch_size"),
+                                      ("data.image_size=0", "data.image_size"), ("train.lr=-0.1", "train.lr")])
+def test_out_of_range_settings_are_one_line_errors_before_training(tmp_path, capsys, arg, key):
+    from edgeus.cli import main
+
+    assert main(["train", arg, f"train.out={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert key in err and ("must be >" in err) and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()               # nothing trained, nothing written
+
+
+def test_fit_with_no_epochs_names_no_best_checkpoint(tmp_path, small_cfg, small_bundle):
+    from edgeus.data import build_loaders
+    from edgeus.train import Supervised, fit
+
+    model = create_model("simple_cnn", num_classes=3, width=0.25)
+    r = fit(Supervised(model), build_loaders(small_bundle, small_cfg.data), small_cfg.train, tmp_path,
+            classes=small_bundle.classes, preprocessing=small_bundle.preprocessing, epochs=0)
+    assert r.best_path is None and r.history == []

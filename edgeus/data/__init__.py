@@ -37,11 +37,7 @@ class Images:
 
 
 def _decode(path: str, size: int) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im.load()
-        arr = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    arr = readers.decode_gray(path)      # [0, 1] at the file's own bit depth (16-bit scaled, not clipped)
     return (resize(torch.from_numpy(arr), size).numpy() * 255).round().astype(np.uint8)
 
 
@@ -248,7 +244,22 @@ def build_datasets(cfg) -> DataBundle:
     for s in ("train", "val", "test"):
         if len(b.split(s)) == 0:
             raise DataError(f"the {s} split is empty (data.split={list(cfg.split)}, {len(images.labels)} images)")
+    check_every_class_in_every_split(b, list(cfg.split))
     return b
+
+
+def check_every_class_in_every_split(bundle: DataBundle, split=None) -> None:
+    """A class missing from a split makes its metrics vacuous (a recall over no images passes every
+    gate): refuse it, naming the class, its image count and what to do."""
+    total = np.bincount(bundle.train.images.labels, minlength=len(bundle.classes))
+    for s in ("train", "val", "test"):
+        counts = bundle.counts(s)
+        for k, cls in enumerate(bundle.classes):
+            if counts[k] == 0:
+                raise DataError(
+                    f"class {cls!r} has {int(total[k])} image(s), too few for every split to get one "
+                    f"(none in {s}; data.split={split if split is not None else '?'}): add images of {cls!r} "
+                    f"(at least 3 with a 6:2:2 split) or leave the class out with data.classes=[...]")
 
 
 def build_loaders(bundle: DataBundle, cfg, distributed: bool = False, batch_size: int | None = None) -> dict:

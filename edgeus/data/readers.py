@@ -30,6 +30,43 @@ class Source:
     groups: list[str] | None = None
 
 
+# Pillow modes of one-channel images deeper than 8 bits, with the value of full white
+_DEEP_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0}
+
+
+def decode_gray(path: str | Path) -> np.ndarray:
+    """One image as grayscale float32 [H, W] in [0, 1], at its own bit depth.
+
+    8-bit images (and colour, palette, alpha: converted to luminance) are divided by 255; 16-bit
+    grayscale (PNG, TIFF) by 65535, so a 0..65535 ramp stays a ramp instead of saturating the way
+    Pillow's ``convert("L")`` clips it. 32-bit integer images are scaled by 65535 when they come from
+    a 16-bit PNG (older Pillow) or hold values up to 65535, else by their own maximum; float images
+    already in [0, 1] are kept, others scaled by their maximum.
+    """
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        mode, fmt = im.mode, im.format
+        if mode in _DEEP_MODES:
+            return np.asarray(im, dtype=np.float32) / np.float32(_DEEP_MODES[mode])
+        if mode in ("I", "F"):
+            arr = np.asarray(im, dtype=np.float64)
+            if not np.isfinite(arr).all():
+                raise ValueError(f"{mode} image holds NaN or Inf pixel values")
+            lo, hi = float(arr.min(initial=0.0)), float(arr.max(initial=0.0))
+            if lo < 0:
+                raise ValueError(f"{mode} image holds negative pixel values (min {lo:g}); expected intensities")
+            if mode == "F" and hi <= 1.0:
+                scale = 1.0
+            elif mode == "I" and (fmt == "PNG" or hi <= 65535):
+                scale = 65535.0 if (fmt == "PNG" or hi > 255) else 255.0
+            else:
+                scale = hi or 1.0
+            return (arr / scale).astype(np.float32)
+        return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+
+
 def _need_root(root: str | None, layout: str) -> Path:
     if not root:
         raise DataError(f"data.root is not set; point it at a folder in the {layout}")

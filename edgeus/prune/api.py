@@ -1,6 +1,7 @@
 """``prune_model``: the prune stage as one function over (model, the ``prune`` section, injected pieces)."""
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 from typing import Callable
@@ -32,14 +33,16 @@ def prune_model(model: nn.Module, pcfg, *, example_inputs: torch.Tensor, finetun
     ``finetune``: a callable from :func:`edgeus.finetune.make_finetuner` (with or without a teacher);
     without it no fine-tuning happens (the report says so). ``loaders``: the data loaders, needed
     only by data-driven importance (``taylor`` reads ``train_plain``). Returns the pruned model
-    (on the CPU, in eval mode; possibly a new object) and a JSON-able report.
+    (on the CPU, in eval mode; always a new object) and a JSON-able report. ``model`` itself is never
+    modified, whatever the method or target (``prune.ratio`` prunes a copy, as ``prune.target_macs``
+    does), so the model passed in can be the teacher that ``finetune`` distils from.
     """
     from edgeus.prune.semi_structured import prune_semi_structured
     from edgeus.prune.structured import prune_structured
     from edgeus.prune.unstructured import prune_unstructured
 
     methods = parse_methods(pcfg.method)
-    model = model.to("cpu")
+    model = copy.deepcopy(model).to("cpu")
     example = example_inputs
     t0 = time.time()
     report: dict = {"stage": "prune", "methods": methods, "before": profile(model, example),

@@ -8,11 +8,13 @@ elsewhere)::
      "arch": {"name", "num_classes", "in_chans", "width", "kwargs"},
      "transforms": [...],             # structural edits to replay (pruning, decomposition)
      "classes": [...], "preprocessing": {"image_size", "in_chans", "mean", "std"},
-     "state_dict": {...}, "config": "<yaml>", "metrics": {...}, "extra": {...}}
+     "state_dict": {...}, "config": "<yaml>", "metrics": {...}, "extra": {...},
+     "data": {...}}                   # the data fingerprint (edgeus.data.fingerprint), when known
 """
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +31,21 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:      # disk full, interrupted, unwritable: leave no temporary file behind
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
     return path
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, *, classes: list[str], preprocessing: dict,
                     config: str | None = None, metrics: dict | None = None, extra: dict | None = None,
-                    state_dict: dict | None = None) -> Path:
+                    state_dict: dict | None = None, data: dict | None = None) -> Path:
     arch = getattr(model, "edgeus_arch", None)
     if arch is None:
         raise CheckpointError("model was not built by edgeus.models.create_model (no edgeus_arch)")
@@ -52,6 +61,15 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, classes: list[str], p
         "metrics": metrics or {},
         "extra": extra or {},
     }
+    if data:
+        ckpt["data"] = dict(data)
+    return atomic_save(ckpt, path)
+
+
+def stamp_data(path: str | Path, data: dict) -> Path:
+    """Add the data fingerprint ``data`` to the edgeus checkpoint at ``path`` (rewritten atomically)."""
+    ckpt = read_checkpoint(path)
+    ckpt["data"] = dict(data)
     return atomic_save(ckpt, path)
 
 
@@ -61,8 +79,16 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, corrupt, or containing pickled objects
-        raise CheckpointError(f"cannot load {path} safely (weights_only=True): {str(e).splitlines()[0]}") from None
+    except pickle.UnpicklingError:   # the file holds pickled Python objects: refused, never executed
+        raise CheckpointError(
+            f"{path} holds pickled Python objects, which edgeus never loads (only tensors, numbers, strings, "
+            "lists and dicts): save the weights as an edgeus checkpoint (edgeus.train.save_checkpoint), or give "
+            "a plain state dict as model.pretrained=<path>") from None
+    except Exception as e:  # truncated or corrupt
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" in first:   # never relay torch's advice to turn the safety check off
+            first = type(e).__name__
+        raise CheckpointError(f"cannot read {path} as a checkpoint (truncated or corrupt?): {first}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not an edgeus checkpoint (format {ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__!r}); "
@@ -75,12 +101,46 @@ def build_from_checkpoint(ckpt: dict) -> nn.Module:
     from edgeus.models import create_model
     from edgeus.models.structure import replay
 
-    arch = ckpt["arch"]
-    model = create_model(arch["name"], num_classes=arch["num_classes"], in_chans=arch["in_chans"],
-                         width=arch["width"], **arch.get("kwargs", {}))
+    arch = ckpt.get("arch")
+    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str):
+        raise CheckpointError("the checkpoint does not say which architecture it holds (no arch.name); "
+                              "it was not written by edgeus.train.save_checkpoint")
+    try:
+        model = create_model(arch["name"], num_classes=int(arch["num_classes"]), in_chans=int(arch["in_chans"]),
+                             width=float(arch["width"]), **dict(arch.get("kwargs") or {}))
+    except KeyError as e:
+        what = str(e.args[0]) if e.args else "?"
+        if what.strip("'\"") in ("num_classes", "in_chans", "width"):
+            raise CheckpointError(f"the checkpoint's arch lacks {what}; it was not written by edgeus") from None
+        raise CheckpointError(f"the checkpoint's architecture {arch['name']!r} cannot be built: {what}") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"the checkpoint's architecture {arch['name']!r} cannot be built with its settings "
+                              f"{ {k: arch.get(k) for k in ('num_classes', 'in_chans', 'width', 'kwargs')} }: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if ckpt.get("transforms"):
         model = replay(model, ckpt["transforms"])
     return model
+
+
+def check_classes(ckpt: dict, source: str = "checkpoint") -> None:
+    """The model's head must have one output per class name the checkpoint lists."""
+    classes = ckpt.get("classes")
+    n = (ckpt.get("arch") or {}).get("num_classes")
+    if not isinstance(classes, (list, tuple)) or not classes:
+        raise CheckpointError(f"{source} lists no class names")
+    if n is not None and int(n) != len(classes):
+        raise CheckpointError(f"{source}: the model has {n} outputs but the checkpoint names {len(classes)} "
+                              f"classes {list(classes)}; it is inconsistent, re-save it with matching classes")
+
+
+def check_finite(state_dict: dict, source: str = "state dict") -> None:
+    """Refuse weights with NaN or Inf: such a model answers nonsense (and NaN passes ``>`` checks)."""
+    bad = [k for k, v in state_dict.items()
+           if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" and {len(bad) - 1} more tensor(s)" if len(bad) > 1 else ""
+        raise CheckpointError(f"{source} has NaN or Inf weights (in {bad[0]}{more}); the model is unusable: "
+                              "retrain, or use an earlier checkpoint")
 
 
 def load_checkpoint(path: str | Path, *, expect_arch: str | None = None) -> tuple[nn.Module, dict]:
@@ -88,7 +148,13 @@ def load_checkpoint(path: str | Path, *, expect_arch: str | None = None) -> tupl
     ckpt = read_checkpoint(path)
     if expect_arch and ckpt["arch"]["name"] != expect_arch:
         raise CheckpointError(f"{path} holds a {ckpt['arch']['name']!r} model, expected {expect_arch!r}")
-    model = build_from_checkpoint(ckpt)
+    check_classes(ckpt, str(path))
+    try:
+        model = build_from_checkpoint(ckpt)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(f"{path} holds no state_dict")
     load_state(model, ckpt["state_dict"], source=str(path))
     model.eval()
     return model, ckpt
@@ -111,4 +177,5 @@ def load_state(model: nn.Module, state_dict: dict, source: str = "state dict") -
         if shape:
             parts.append(f"{len(shape)} shape mismatches (e.g. {'; '.join(shape[:3])})")
         raise CheckpointError(" ".join(parts))
+    check_finite(state_dict, source)
     model.load_state_dict(state_dict, strict=True)

@@ -242,5 +242,6 @@ def fit(trainable, loaders: dict, train_cfg, out_dir: str | Path | None, *, clas
         for t in trainable.student.state_dict().values():
             torch.distributed.broadcast(t, src=0)
     trainable.student.eval()
-    return FitResult(best_path=(out / "best.pt") if out else None, last_path=last_path, best_metrics=best_metrics,
+    best_path = out / "best.pt" if out and (out / "best.pt").is_file() else None   # none when no epoch ran
+    return FitResult(best_path=best_path, last_path=last_path, best_metrics=best_metrics,
                      history=history, model=trainable.student, best_epoch=best_epoch + 1)
