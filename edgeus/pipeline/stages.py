@@ -52,6 +52,7 @@ class StageResult:
     export: dict | None = None
     gated: bool = False        # the recipe's clinical gates judge this stage's row against the teacher's
     role: str | None = None    # "teacher": this stage's model is the run's teacher
+    publish: dict = field(default_factory=dict)   # {name at the top of the run directory: file}
 
     @property
     def kind(self) -> str:
@@ -100,18 +101,22 @@ def torch_result(ctx, out: Path, model, report: dict, stage: str, *, checkpoint:
     """Save ``model`` as ``out/model.pt`` (unless ``checkpoint`` already holds it) and export it to
     ``out/model.onnx`` once; the ledger, the export stage and the quantize stage reuse that file."""
     from edgeus import config as C
+    from edgeus.data.fingerprint import data_fingerprint
     from edgeus.onnx.export import export_onnx, parity_sample, target_opset
-    from edgeus.train.checkpoint import save_checkpoint
+    from edgeus.train.checkpoint import read_checkpoint, save_checkpoint
 
     ckpt = out / "model.pt"
     if checkpoint is None:
+        data = data_fingerprint(ctx.bundle, ctx.cfg.data)   # the images this model was trained on
         save_checkpoint(ckpt, model, classes=ctx.bundle.classes, preprocessing=ctx.bundle.preprocessing,
-                        config=C.to_yaml(ctx.cfg), extra={"stage": stage, "recipe": ctx.cfg.recipe.name})
+                        config=C.to_yaml(ctx.cfg), extra={"stage": stage, "recipe": ctx.cfg.recipe.name}, data=data)
+    else:   # a checkpoint that carries its own fingerprint (a loaded teacher may have seen other images)
+        data = read_checkpoint(checkpoint).get("data")
     onnx_path = out / "model.onnx"
     sample, source = parity_sample(ctx.bundle.val, int(ctx.cfg.export.parity_samples))
     exp = export_onnx(model, onnx_path, ctx.cfg.export, preprocessing=dict(ctx.bundle.preprocessing),
                       classes=list(ctx.bundle.classes), sample=sample, sample_source=source,
-                      target_opset=target_opset(ctx.cfg.target), seed=int(ctx.cfg.seed))
+                      target_opset=target_opset(ctx.cfg.target), seed=int(ctx.cfg.seed), data=data)
     from edgeus.pipeline.ledger import write_json
 
     write_json(out / "export.json", exp)
@@ -212,7 +217,8 @@ def stage_export(ctx, out: Path) -> StageResult:
     rep = ctx.artifacts.get("export_report")
     report = json.loads(Path(rep).read_text()) if rep and Path(rep).is_file() else {}
     report.update(path=str(path), source=str(src))
-    return StageResult(report=report, onnx=str(path), artifacts={"fp32_onnx": str(path)})
+    return StageResult(report=report, onnx=str(path), artifacts={"fp32_onnx": str(path)},
+                       publish={"student.fp32.onnx": str(path)})
 
 
 @needs_teacher
@@ -239,7 +245,8 @@ def stage_quantize(ctx, out: Path) -> StageResult:
                    export=export, device=ctx.device)
     report = quantize_onnx(fp32, path, cfg.quantize, layout=layout, target=cfg.target.name, **data, qat=qat,
                            teacher_onnx=teacher_onnx, out_dir=out / "work")
-    res = StageResult(report=report, onnx=str(path), artifacts={"int8_onnx": str(path)}, gated=True)
+    res = StageResult(report=report, onnx=str(path), artifacts={"int8_onnx": str(path)}, gated=True,
+                      publish={"student.int8.onnx": str(path)})
     if cfg.compress.baseline_int8:
         # the obvious alternative a user tries first: ONNX Runtime INT8 of the uncompressed teacher (PTQ alone)
         bpath = out / "teacher.int8.onnx"
@@ -314,6 +321,32 @@ def stage_package(ctx, out: Path) -> StageResult:
         raise EdgeusError(f"the bundle just written does not verify: {check}")
     return StageResult(report={"bundle": str(path), "verify": check}, artifacts={"bundle": str(path)})
 
+
+def preflight_package(cfg, run_dir: Path) -> None:
+    """Before anything runs: a bundle never replaces a user's folder or archive without
+    package.overwrite=true (the bundle writer refuses too; this says so before hours of training)."""
+    from edgeus.errors import UsageError
+
+    if not cfg.package.out or cfg.package.overwrite:
+        return
+    out = Path(cfg.package.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"package.out={cfg.package.out} exists and is not an empty directory; choose a new "
+                         "package.out= or set package.overwrite=true to replace a bundle written there before")
+    tar = out.with_name(out.name + ".tar.gz")
+    if cfg.package.tar and tar.exists():
+        raise UsageError(f"{tar} exists; choose a new package.out= or set package.overwrite=true")
+
+
+# checks a stage makes before the run starts (and before a run directory is created)
+PREFLIGHT: dict[str, Callable] = {"package": preflight_package}
+
+# the config sections a stage's result depends on: a resume that changes one runs that stage again
+SETTINGS: dict[str, tuple] = {
+    "teacher": ("teacher", "train", "model", "data"), "prune": ("prune",), "distill": ("distill",),
+    "decompose": ("decompose",), "export": ("export",), "quantize": ("quantize",), "build": ("build",),
+    "bench": ("bench",), "package": ("package",),
+}
 
 STAGES: dict[str, Callable] = {
     "teacher": stage_teacher, "prune": stage_prune, "distill": stage_distill, "decompose": stage_decompose,
