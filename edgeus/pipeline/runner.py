@@ -93,12 +93,41 @@ def _file_bytes(path) -> int | None:
     return p.stat().st_size if p and p.is_file() else None
 
 
-def _metrics(model_or_onnx, ctx) -> dict:
-    from edgeus.evaluate import evaluate_model
+def _metrics(model_or_onnx, ctx, save: Path | None = None) -> dict:
+    """Test-split metrics (one pass over the test loader, as edgeus.evaluate.evaluate_model makes);
+    the per-image labels and probabilities go to ``save`` (.npz) for the gates' paired comparison."""
+    import numpy as np
 
-    torch_model = not isinstance(model_or_onnx, (str, Path))
-    m = evaluate_model(model_or_onnx, ctx.eval_loader(), ctx.bundle.classes, ctx.device if torch_model else "cpu")
-    return {k: m[k] for k in ("accuracy", "macro_f1", "recall", "auc", "ece", "confusion", "n")}
+    from edgeus.evaluate import compute_metrics, predict_onnx, predict_torch
+
+    if isinstance(model_or_onnx, (str, Path)):
+        y, p = predict_onnx(str(model_or_onnx), ctx.eval_loader())
+    else:
+        y, p = predict_torch(model_or_onnx, ctx.eval_loader(), ctx.device)
+    if save is not None:
+        tmp = save.with_name(f".{save.stem}.tmp-{os.getpid()}.npz")
+        np.savez(tmp, labels=y, probs=p)
+        os.replace(tmp, save)
+    m = compute_metrics(y, p, ctx.bundle.classes)
+    return {k: m[k] for k in ("accuracy", "macro_f1", "recall", "auc", "ece", "confusion", "n", "per_class")}
+
+
+def _comparison(ctx, name: str, row: dict) -> dict | None:
+    """stats.compare of the teacher's and this row's test predictions (same images), for the gates."""
+    import numpy as np
+
+    from edgeus.stats import compare
+
+    teacher = next((r for r in ctx.state["rows"] if r["stage"] == ctx.state.get("teacher_stage")), None)
+    paths = [ctx.run_dir / r["predictions"] for r in (teacher, row) if r and r.get("predictions")]
+    if len(paths) != 2 or not all(p.is_file() for p in paths):
+        return None
+    (t, s) = [np.load(p) for p in paths]
+    if not np.array_equal(t["labels"], s["labels"]):
+        return None
+    g = ctx.cfg.gates
+    return compare(t["labels"], t["probs"], s["probs"], ctx.bundle.classes, n_boot=int(g.n_boot),
+                   seed=int(ctx.cfg.seed))
 
 
 def _latency(ctx, onnx_path) -> tuple[float | None, float | None]:
@@ -124,26 +153,31 @@ def _rel(ctx, path) -> str | None:
         return str(path)
 
 
-def _torch_row(ctx, name: str, res: StageResult, wall: float) -> dict:
+def _torch_row(ctx, name: str, res: StageResult, out: Path, wall: float) -> dict:
     from edgeus.models.profile import count_macs, count_params
 
     pre = ctx.bundle.preprocessing
     ms, speed = _latency(ctx, res.onnx)
+    pred = out / "predictions.npz"
     return {"stage": name, "kind": "torch", "artifact": _rel(ctx, res.checkpoint), "onnx": _rel(ctx, res.onnx),
             "params": count_params(res.model), "macs": count_macs(res.model, pre["image_size"], pre["in_chans"]),
             "bytes": _file_bytes(res.onnx), "checkpoint_bytes": _file_bytes(res.checkpoint), "latency_ms": ms,
-            "speedup": speed, "metrics": _metrics(res.model, ctx), "wall_s": wall, "export": _brief_export(res.export)}
+            "speedup": speed, "metrics": _metrics(res.model, ctx, pred), "predictions": _rel(ctx, pred),
+            "wall_s": wall, "export": _brief_export(res.export)}
 
 
 def _brief_export(exp: dict | None) -> dict:
     return {k: exp[k] for k in ("max_abs_diff", "top1_agreement", "opset", "exporter") if isinstance(exp, dict) and k in exp}
 
 
-def _onnx_row(ctx, name: str, path: str, wall: float, like: dict | None, of: str | None = None) -> dict:
+def _onnx_row(ctx, name: str, path: str, wall: float, like: dict | None, of: str | None = None,
+              pred: Path | None = None) -> dict:
     ms, speed = _latency(ctx, path)
     row = {"stage": name, "kind": "onnx", "artifact": _rel(ctx, path), "params": (like or {}).get("params"),
            "macs": (like or {}).get("macs"), "bytes": _file_bytes(path), "latency_ms": ms, "speedup": speed,
-           "metrics": _metrics(str(path), ctx), "wall_s": wall}
+           "metrics": _metrics(str(path), ctx, pred), "wall_s": wall}
+    if pred is not None:
+        row["predictions"] = _rel(ctx, pred)
     if of:
         row["of"] = of          # a baseline row measured by stage ``of``
     return row
@@ -160,9 +194,9 @@ def _rows(ctx, name: str, res: StageResult, out: Path, wall: float) -> list[dict
     if res.kind == "skipped":
         rows = [{"stage": name, "kind": "skipped", "skipped": res.skipped, "wall_s": wall}]
     elif res.kind == "torch":
-        rows = [_torch_row(ctx, name, res, wall)]
+        rows = [_torch_row(ctx, name, res, out, wall)]
     elif res.kind == "onnx":
-        rows = [_onnx_row(ctx, name, res.onnx, wall, _last_torch_row(state))]
+        rows = [_onnx_row(ctx, name, res.onnx, wall, _last_torch_row(state), pred=out / "predictions.npz")]
     else:
         rows = [{"stage": name, "kind": "deploy", "wall_s": wall, "artifact": _rel(ctx, out)}]
     for b in res.baselines:
@@ -508,7 +542,8 @@ def _run(cfg, run_dir, state, bundle, device, recipe_stages, selected, applied) 
         state["settings"][name] = _settings(cfg, name)
         if res.gated and rows[0].get("metrics"):
             teacher_m = ctx.state_metrics("teacher")
-            results = G.check(name, teacher_m, rows[0]["metrics"], cfg.gates, bundle.classes)
+            results = G.check(name, teacher_m, rows[0]["metrics"], cfg.gates, bundle.classes,
+                              comparison=_comparison(ctx, name, rows[0]))
             state["gates"] = [g for g in state.get("gates", []) if g["stage"] != name] + results
             gate_failures = G.failures(results)
         if name not in state["done"]:
@@ -629,10 +664,13 @@ def main_summary(result: dict) -> str:
         lines.append(f"report:  {result['report']}")
     if result.get("bundle"):
         lines.append(f"bundle:  {result['bundle']}   (check it: edgeus verify {result['bundle']})")
-    failed = G.failures(result.get("gates", []))
-    lines.append("gates:   " + ("all passed" if result.get("gates") and not failed else
-                                 "not evaluated" if not result.get("gates") else
-                                 f"{len(failed)} failed" + ("" if result.get("enforced", True) else " (not enforced)")))
+    gates = result.get("gates", [])
+    failed, weak = G.failures(gates), G.underpowered(gates)
+    text = ("not evaluated" if not gates else f"{len(failed)} failed" if failed else
+            "all passed" if not weak else f"none failed, {len(weak)} underpowered (the test split is too small to tell)")
+    if failed and not result.get("enforced", True):
+        text += " (not enforced)"
+    lines.append("gates:   " + text)
     head = headline_text(result.get("headline") or {})
     return "\n".join(lines) + ("\n\n" + head if head else "")
 
