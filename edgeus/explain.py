@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeus.errors import EdgeusError
+from edgeus.errors import InputError, MissingDependencyError
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -111,7 +111,7 @@ def _onnx_model(path: Path, classes=None, preprocessing=None) -> Model:
     classes = classes or info.get("classes")
     pre = preprocessing or info.get("preprocessing")
     if not classes or not pre:
-        raise EdgeusError(f"{path}: the model carries no edgeus.classes / edgeus.preprocessing metadata; "
+        raise InputError(f"{path}: the model carries no edgeus.classes / edgeus.preprocessing metadata; "
                           "export it with `edgeus export` (or predict with its bundle or checkpoint)")
     return Model(path=path, kind="onnx", classes=list(classes), preprocessing=dict(pre), run_dir=find_run(path),
                  describe="ONNX Runtime CPU")
@@ -126,13 +126,13 @@ def _engine_model(path: Path) -> Model:
         runner = make_runner(path, backend="tensorrt")
         runner.activate()          # without TensorRT: MissingDependencyError, which says what to use instead
     except (ImportError, ModuleNotFoundError) as e:
-        raise EdgeusError(f"{path}: running a TensorRT engine needs TensorRT and CUDA on this machine "
+        raise MissingDependencyError(f"{path}: running a TensorRT engine needs TensorRT and CUDA on this machine "
                           f"({e}); predict with the bundle's ONNX model instead") from None
     root = path.parent.parent if (path.parent.parent / "manifest.json").is_file() else path.parent
     meta = _bundle_meta(root) if (root / "manifest.json").is_file() else None
     if meta is None:
         runner.deactivate()
-        raise EdgeusError(f"{path}: a TensorRT engine carries no classes or preprocessing; predict with the bundle "
+        raise InputError(f"{path}: a TensorRT engine carries no classes or preprocessing; predict with the bundle "
                           "that holds it (edgeus predict <bundle> ...)")
     return Model(path=path, kind="tensorrt", classes=meta["classes"], preprocessing=meta["preprocessing"],
                  run_dir=find_run(path), describe="TensorRT", _session=runner)
@@ -149,14 +149,14 @@ def open_model(path: str | Path) -> Model:
     ``.pt`` checkpoint or a TensorRT ``.engine``."""
     p = Path(path)
     if not p.exists():
-        raise EdgeusError(f"{p}: no such model, bundle or run directory")
+        raise InputError(f"{p}: no such model, bundle or run directory")
     if p.is_dir():
         if (p / "manifest.json").is_file():
             meta = _bundle_meta(p)
             order = meta["manifest"].get("runtime_order") or []
             onnx = [p / o for o in order if o.endswith(".onnx") and (p / o).is_file()]
             if not onnx:
-                raise EdgeusError(f"{p}: the bundle lists no ONNX model this machine can run")
+                raise InputError(f"{p}: the bundle lists no ONNX model this machine can run")
             m = _onnx_model(onnx[0], meta["classes"], meta["preprocessing"])
             m.describe = f"bundle {p.name}: {onnx[0].name} on ONNX Runtime CPU"
             return m
@@ -170,10 +170,10 @@ def open_model(path: str | Path) -> Model:
                     return m
             if "model" in a:
                 return _torch_model(a["model"])
-            raise EdgeusError(f"{p}: the run has no model yet")
-        raise EdgeusError(f"{p}: a directory that is neither a bundle (manifest.json) nor a compress run (state.json)")
+            raise InputError(f"{p}: the run has no model yet")
+        raise InputError(f"{p}: a directory that is neither a bundle (manifest.json) nor a compress run (state.json)")
     if p.name.endswith(".tar.gz"):
-        raise EdgeusError(f"{p}: unpack the bundle archive first (tar xzf) and predict with its directory")
+        raise InputError(f"{p}: unpack the bundle archive first (tar xzf) and predict with its directory")
     suffix = p.suffix.lower()
     if suffix == ".onnx":
         return _onnx_model(p)
@@ -181,7 +181,7 @@ def open_model(path: str | Path) -> Model:
         return _torch_model(p)
     if suffix in (".engine", ".plan", ".trt"):
         return _engine_model(p)
-    raise EdgeusError(f"{p}: unknown model type {suffix!r} (bundle dir, run dir, .onnx, .pt or .engine)")
+    raise InputError(f"{p}: unknown model type {suffix!r} (bundle dir, run dir, .onnx, .pt or .engine)")
 
 
 def torch_pair(run_dir: str | Path) -> dict:
@@ -212,9 +212,9 @@ def list_images(args) -> list[Path]:
         elif p.is_file():
             out.append(p)
         else:
-            raise EdgeusError(f"{p}: no such image or folder")
+            raise InputError(f"{p}: no such image or folder")
     if not out:
-        raise EdgeusError(f"no images ({', '.join(IMAGE_EXT)}) in {', '.join(map(str, args))}")
+        raise InputError(f"no images ({', '.join(IMAGE_EXT)}) in {', '.join(map(str, args))}")
     return out
 
 
@@ -230,7 +230,7 @@ def load_image(path: str | Path, preprocessing: dict) -> tuple[np.ndarray, np.nd
     try:
         raw = _decode(str(path), size).astype(np.float32) / 255.0
     except Exception as e:
-        raise EdgeusError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+        raise InputError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
     x = normalise(torch.from_numpy(raw)[None], int(preprocessing["in_chans"]), preprocessing["mean"],
                   preprocessing["std"]).numpy().astype(np.float32)
     return raw, x
@@ -264,7 +264,7 @@ def cam_layer(module, preprocessing: dict):
         for h in hooks:
             h.remove()
     if not seen:
-        raise EdgeusError("Grad-CAM needs a convolutional model; this one has no Conv2d")
+        raise InputError("Grad-CAM needs a convolutional model; this one has no Conv2d")
     min_side = max(4, size // 16)
     good = [s for s in seen if s[2][1] > 1 and min(s[2][2:]) >= min_side]
     name, layer, _ = (good or [s for s in seen if s[2][1] > 1] or seen)[-1]
@@ -281,7 +281,7 @@ def gradcam(module, x, target=None, layer=None, preprocessing: dict | None = Non
     try:
         from captum.attr import LayerAttribution, LayerGradCam
     except ImportError:
-        raise EdgeusError("saliency maps need captum: pip install 'edgeus[explain]' (or pip install captum)") from None
+        raise MissingDependencyError("saliency maps need captum: pip install 'edgeus[explain]' (or pip install captum)") from None
     x = torch.as_tensor(x, dtype=torch.float32)
     if layer is None:
         pre = preprocessing or {"image_size": x.shape[-1], "in_chans": x.shape[1]}

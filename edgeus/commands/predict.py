@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from edgeus.errors import EdgeusError
+from edgeus.errors import InputError, UsageError
 
 USAGE = "<bundle | run dir | model.onnx | model.engine | ckpt.pt> <images or folders ...> [--json] [--cam DIR]"
 
@@ -34,15 +34,15 @@ def _parse(args):
         elif a == "--cam":
             cam = next(it, None)
             if cam is None:
-                raise EdgeusError(f"--cam needs a folder; usage: edgeus predict {USAGE}")
+                raise UsageError(f"--cam needs a folder; usage: edgeus predict {USAGE}")
         elif a.startswith("--cam="):
             cam = a.split("=", 1)[1]
         elif a.startswith("--"):
-            raise EdgeusError(f"unknown option {a}; usage: edgeus predict {USAGE}")
+            raise UsageError(f"unknown option {a}; usage: edgeus predict {USAGE}")
         else:
             pos.append(a)
     if len(pos) < 2:
-        raise EdgeusError(f"expected a model and at least one image or folder; usage: edgeus predict {USAGE}")
+        raise UsageError(f"expected a model and at least one image or folder; usage: edgeus predict {USAGE}")
     return pos[0], pos[1:], as_json, cam
 
 
@@ -83,7 +83,7 @@ def _explainers(model) -> dict:
             return pair
     if model.kind == "torch":
         return {"model": model}
-    raise EdgeusError(f"--cam: no torch model behind {model.path} (Grad-CAM needs the checkpoint: give a run "
+    raise InputError(f"--cam: no torch model behind {model.path} (Grad-CAM needs the checkpoint: give a run "
                       "directory, a bundle or model inside one, or a .pt checkpoint)")
 
 
@@ -97,7 +97,7 @@ def _cams(explainers: dict, files, loaded, out: dict, cam_dir: Path) -> None:
     layers = {}
     for name, m in explainers.items():
         if m.classes != out["classes"]:
-            raise EdgeusError(f"--cam: {m.path} has classes {m.classes}, the model given {out['classes']}")
+            raise InputError(f"--cam: {m.path} has classes {m.classes}, the model given {out['classes']}")
         layers[name] = E.cam_layer(m.module, m.preprocessing)[1]
     for f, (raw, _), entry in zip(files, loaded, out["images"]):
         panels, info = [], {}
