@@ -52,8 +52,11 @@ def run(cfg, args):
     metrics = {}
     if report.get("finetune"):
         metrics = report["finetune"].get("best_metrics") or {}
+    from edgeus.data.fingerprint import data_fingerprint
+
     save_checkpoint(out, new.cpu(), classes=ckpt["classes"], preprocessing=ckpt["preprocessing"], config=to_yaml(cfg),
-                    metrics=metrics, extra={"decompose": json.loads(json.dumps(report)), "source": str(src)})
+                    metrics=metrics, extra={"decompose": json.loads(json.dumps(report)), "source": str(src)},
+                    data=data_fingerprint(bundle, cfg.data) if bundle is not None else ckpt.get("data"))
     report_path = out.with_suffix(".decompose.json")
     report_path.write_text(json.dumps(report, indent=2))
     print(format_table(report))

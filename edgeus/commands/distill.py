@@ -93,9 +93,12 @@ def run(cfg, args):
                               classes=bundle.classes, preprocessing=bundle.preprocessing, class_weights=weights,
                               seed=int(cfg.seed), out_dir=out, device=device, config_yaml=C.to_yaml(cfg))
     report["teacher_path"], report["student_source"] = str(teacher_path), student_desc
+    from edgeus.data.fingerprint import data_fingerprint
+
     path = save_checkpoint(out / "student.pt", student, classes=bundle.classes, preprocessing=bundle.preprocessing,
                            config=C.to_yaml(cfg), metrics={"val": report["val"], "test": report["test"]},
-                           extra={"distill": {k: report[k] for k in ("losses", "weights", "teacher_path")}})
+                           extra={"distill": {k: report[k] for k in ("losses", "weights", "teacher_path")}},
+                           data=data_fingerprint(bundle, cfg.data))
     (out / "distill_report.json").write_text(json.dumps(report, indent=1, default=float))
     print("losses: " + " + ".join(f"{w:g}*{n}" for n, w in report["weights"].items())
           + "".join(f"\n  pair {p['teacher']} -> {p['student']}" for p in report["pairs"]))

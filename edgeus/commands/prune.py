@@ -56,8 +56,11 @@ def run(cfg, args):
     model, report = prune_model(model, cfg.prune, example_inputs=example_input(model, cfg.data.image_size, cfg.data.in_chans),
                                 finetune=ft, loaders=ft.loaders if ft is not None else None, device=device,
                                 out_dir=out.parent / (out.stem + "_work"))
+    from edgeus.data.fingerprint import data_fingerprint
+
     save_checkpoint(out, model, classes=classes or ["class"], preprocessing=pre, config=OmegaConf.to_yaml(cfg),
-                    metrics=ckpt.get("metrics") or {}, extra={"prune": {"methods": methods, "source": str(src)}})
+                    metrics=ckpt.get("metrics") or {}, extra={"prune": {"methods": methods, "source": str(src)}},
+                    data=data_fingerprint(bundle, cfg.data) if bundle is not None else ckpt.get("data"))
     rep_path = out.with_suffix(".prune.json")
     rep_path.write_text(json.dumps(report, indent=2, default=str))
 

@@ -37,14 +37,10 @@ def parse_methods(method) -> list[str]:
 
 
 def count_macs(model: nn.Module, example: torch.Tensor) -> int:
-    import torch_pruning as tp
+    """MACs at ``example``'s shape: edgeus's one MACs counter, :func:`edgeus.models.profile.count_macs`."""
+    from edgeus.models.profile import count_macs as _count
 
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        macs, _ = tp.utils.count_ops_and_params(model, example)
-    model.train(was)
-    return int(macs)
+    return _count(model, example=example)
 
 
 def profile(model: nn.Module, example: torch.Tensor) -> dict:

@@ -82,4 +82,9 @@ def train_from_config(cfg, out_dir: str | Path | None = None, bundle=None):
                  device=device, config_yaml=C.to_yaml(cfg), desc=f"train {cfg.model.name}", seed=int(cfg.seed))
     if D.is_main():
         (out / "history.json").write_text(json.dumps(result.history, indent=1, default=float))
+        if result.best_path is not None and Path(result.best_path).is_file():
+            from edgeus.data.fingerprint import data_fingerprint
+            from edgeus.train.checkpoint import stamp_data
+
+            stamp_data(result.best_path, data_fingerprint(bundle, cfg.data))   # the images this model saw
     return result, bundle
