@@ -236,12 +236,14 @@ def test_trt_runner_with_fake_tensorrt_and_cuda_python(fake_gpu, tmp_path):
         out = r.infer({"input": x})["logits"]
         np.testing.assert_allclose(out, x.reshape(2, 64).sum(1, keepdims=True) * [1, 2, 3])
         assert r.last_gpu_time == pytest.approx(0.25e-3) and r.last_inference_time > 0
-        pinned = fake_gpu.pinned
+        pinned, shape_calls = fake_gpu.pinned, r.context.set_calls
         for _ in range(3):
             r.infer({"input": x})                                     # same shape: no new buffers
         assert fake_gpu.pinned == pinned == 2                         # input + output, pinned once
-        r.infer({"input": np.ones((4, 1, 8, 8), np.float32)})         # a new shape: its own buffers
-        assert fake_gpu.pinned == 4
+        assert r.context.set_calls == shape_calls                     # and the shape is not set again
+        y4 = r.infer({"input": np.ones((4, 1, 8, 8), np.float32)})["logits"]   # a new shape: its own buffers
+        assert fake_gpu.pinned == 4 and y4.shape == (4, 3) and np.allclose(y4, [64, 128, 192])
+        np.testing.assert_allclose(r.infer({"input": x})["logits"], out)       # back to the first shape
         with pytest.raises(ProfileError, match="batch 16 is outside"):
             r.infer({"input": np.ones((16, 1, 8, 8), np.float32)})
         assert "batch 16" in r.batch_problem({"input": (16, 1, 8, 8)})

@@ -70,7 +70,7 @@ def _has_torchscript_exporter() -> bool:
         import torch.onnx.utils as u  # noqa: F401
 
         return hasattr(u, "export")
-    except Exception:  # pragma: no cover - future torch without the TorchScript exporter
+    except ImportError:  # pragma: no cover - a future torch without the TorchScript exporter
         return False
 
 

@@ -236,12 +236,14 @@ class TrtRunner(BaseRunner):
         self.inputs = [n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in self.names if n not in self.inputs]
         self._buffers = {}
+        self._active = None   # the buffers whose shapes and addresses the context holds
 
     def deactivate_impl(self) -> None:
         for bufs in self._buffers.values():
             for b in bufs.values():
                 b.free()
         self._buffers = {}
+        self._active = None
         cudart = self._cudart
         for ev in (getattr(self, "_start", None), getattr(self, "_end", None)):
             if ev is not None:
@@ -307,15 +309,19 @@ class TrtRunner(BaseRunner):
         if why:
             raise ProfileError(why)
         bufs = self._buffers_for(feed)
+        key = id(bufs)
+        if key != self._active:   # another shape since the last call: its shapes and buffers, set once
+            for n in self.inputs:
+                if not self.context.set_input_shape(n, bufs[n].shape):
+                    raise ProfileError(f"{self.name}: TensorRT refused input {n} shape {bufs[n].shape}")
+            for n in self.names:
+                self.context.set_tensor_address(n, int(bufs[n].device_ptr))
+            self._active = key
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         for n in self.inputs:
             b = bufs[n]
-            if not self.context.set_input_shape(n, b.shape):   # cheap; another shape may have been set since
-                raise ProfileError(f"{self.name}: TensorRT refused input {n} shape {b.shape}")
             np.copyto(b.host, feed[n], casting="same_kind")
             cuda_check(cudart.cudaMemcpyAsync(b.device_ptr, b.host_ptr, b.nbytes, h2d, self.stream), "cudaMemcpyAsync")
-        for n in self.names:
-            self.context.set_tensor_address(n, int(bufs[n].device_ptr))
         cuda_check(cudart.cudaEventRecord(self._start, self.stream), "cudaEventRecord")
         if not self.context.execute_async_v3(stream_handle=int(self.stream)):
             raise EdgeusError(f"{self.path.name}: TensorRT execution failed")
