@@ -319,7 +319,7 @@ PY
 
 
 def model_meta(model) -> dict:
-    """classes / preprocessing / arch that ``edgeus.quantize.export_onnx`` stores in the ONNX
+    """classes / preprocessing / arch that ``edgeus.onnx.export_onnx`` stores in the ONNX
     metadata_props (``edgeus.classes``, ``edgeus.preprocessing``, ``edgeus.arch``; JSON values)."""
     raw = {}
     for p in model.metadata_props:
