@@ -13,7 +13,9 @@ load average (``os.getloadavg``), and before torch is imported sets:
   shared (load above what it can take) — harmless on a quiet machine, so it is also set when only
   a few cores are available;
 * ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` to the cores that are actually free
-  (``usable - load``, at least 1) when the machine is oversubscribed.
+  (``usable - demand``, at least 1) when others use some of them; the demand is the larger of the
+  1-minute load average and the cores busy right now (``/proc/stat`` over 0.1 s: the load average
+  lags a job that started a minute ago).
 
 A value the user set is never overwritten. This module imports nothing heavy (no torch, no numpy):
 it must run before they load, because OpenMP reads its environment once.
@@ -23,15 +25,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-OVERSUBSCRIBED = 1.0    # load average per usable core above which the machine counts as shared
 ENV_KEYS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")
 
 
 @dataclass
 class ThreadPlan:
     cores: int                        # CPUs this process may run on (affinity)
-    load: float                       # 1-minute load average (runnable processes, machine-wide)
-    oversubscribed: bool
+    load: float                       # cores' worth of work other processes want
+    oversubscribed: bool              # shared: fewer free cores than usable ones
     threads: int                      # intra-op threads chosen
     env: dict = field(default_factory=dict)   # what configure() set (keys it left alone are absent)
     reason: str = ""
@@ -55,39 +56,86 @@ def load_average() -> float:
         return 0.0
 
 
+def _cpu_times() -> tuple[float, float] | None:
+    try:
+        with open("/proc/stat") as f:
+            vals = [float(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0.0)     # idle + iowait
+    return sum(vals[:8]), idle
+
+
+def busy_cores(window_s: float = 0.1) -> float | None:
+    """How many cores other processes keep busy right now (machine-wide /proc/stat over ``window_s``;
+    this process sleeps meanwhile). The 1-minute load average lags a job that just started by a
+    minute; this does not. None where /proc/stat is not readable."""
+    import time
+
+    a = _cpu_times()
+    if a is None:
+        return None
+    time.sleep(window_s)
+    b = _cpu_times()
+    total, idle = b[0] - a[0], b[1] - a[1]
+    if total <= 0:
+        return None
+    return (1.0 - idle / total) * (os.cpu_count() or 1)
+
+
+def demand() -> float:
+    """Cores' worth of work other processes want: the larger of the 1-minute load average and what
+    they use right now."""
+    return max(load_average(), busy_cores() or 0.0)
+
+
 def plan(cores: int | None = None, load: float | None = None, environ: dict | None = None) -> ThreadPlan:
-    """Decide the thread settings (pure: reads ``environ``, changes nothing)."""
+    """Decide the thread settings (pure given ``cores`` and ``load``: reads ``environ``, changes nothing).
+
+    ``load``: cores' worth of work that other processes want (default :func:`demand`). The free
+    cores are ``cores - load`` rounded, at least 1; when that is fewer than ``cores`` the machine is
+    shared: OpenMP gets that many threads (a thread on a core someone else uses makes every
+    parallel region wait for it) and waits passively (a spinning thread steals the slices that
+    the working threads and the other jobs need)."""
     environ = os.environ if environ is None else environ
     cores = usable_cores() if cores is None else max(1, int(cores))
-    load = load_average() if load is None else float(load)
-    # our own process is not running yet when the CLI starts, so the load is the others' demand
-    over = load > OVERSUBSCRIBED * cores
-    free = max(1, int(cores - load + 0.5)) if over else cores
+    load = demand() if load is None else float(load)
+    free = max(1, min(cores, int(cores - load + 0.5)))
+    shared = free < cores
     env = {}
-    if "OMP_WAIT_POLICY" not in environ and (over or cores <= 4):
+    if "OMP_WAIT_POLICY" not in environ and (shared or cores <= 4):
         env["OMP_WAIT_POLICY"] = "PASSIVE"
-    if over:
+    if shared:
         for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             if k not in environ:
                 env[k] = str(free)
-    threads = int(environ.get("OMP_NUM_THREADS", env.get("OMP_NUM_THREADS", free)) or free)
-    reason = (f"oversubscribed: others use {load:.1f} of {cores} core(s), {free} left" if over
-              else "not oversubscribed")
-    return ThreadPlan(cores=cores, load=load, oversubscribed=over, threads=threads, env=env, reason=reason)
+    try:
+        threads = int(environ.get("OMP_NUM_THREADS") or env.get("OMP_NUM_THREADS") or free)
+    except ValueError:
+        threads = free
+    reason = (f"shared: others want {load:.1f} of {cores} core(s), {free} free" if shared
+              else f"not shared: others want {load:.1f} of {cores} core(s)")
+    return ThreadPlan(cores=cores, load=load, oversubscribed=shared, threads=threads, env=env, reason=reason)
 
 
 def configure(environ: dict | None = None, **kw) -> ThreadPlan:
     """Apply :func:`plan` to the environment (call before torch / onnxruntime are imported).
 
-    If torch is already imported its intra-op thread count is lowered too (the wait policy can
-    no longer change then)."""
+    ``EDGEUS_THREADS=off`` leaves everything as it is (to measure the difference). If torch is
+    already imported its intra-op thread count is lowered too (the wait policy can no longer
+    change then)."""
     environ = os.environ if environ is None else environ
+    if environ.get("EDGEUS_THREADS", "").lower() in ("off", "0", "no", "false"):
+        return ThreadPlan(cores=usable_cores(), load=0.0, oversubscribed=False, threads=0, reason="EDGEUS_THREADS=off")
     p = plan(environ=environ, **kw)
     environ.update(p.env)
+    import logging
     import sys
 
+    if p.env:
+        logging.getLogger("edgeus.threads").debug(p.describe())
     torch = sys.modules.get("torch")
-    if torch is not None and p.oversubscribed and "OMP_NUM_THREADS" in p.env:
+    if torch is not None and "OMP_NUM_THREADS" in p.env:
         try:
             torch.set_num_threads(p.threads)
         except Exception:  # pragma: no cover
@@ -95,4 +143,4 @@ def configure(environ: dict | None = None, **kw) -> ThreadPlan:
     return p
 
 
-__all__ = ["ThreadPlan", "plan", "configure", "usable_cores", "load_average"]
+__all__ = ["ThreadPlan", "plan", "configure", "usable_cores", "load_average", "busy_cores", "demand"]

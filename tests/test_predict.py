@@ -173,13 +173,24 @@ def test_threads_plan_on_a_busy_machine():
     p = plan(cores=2, load=3.0, environ={})
     assert p.oversubscribed and p.env == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1",
                                           "MKL_NUM_THREADS": "1"}
+    p = plan(cores=2, load=1.0, environ={})            # one competing job on two cores: one thread, passive
+    assert p.oversubscribed and p.env["OMP_NUM_THREADS"] == "1" and p.env["OMP_WAIT_POLICY"] == "PASSIVE"
     p = plan(cores=8, load=5.5, environ={})
-    assert not p.oversubscribed and p.threads == 8 and "OMP_NUM_THREADS" not in p.env
+    assert p.oversubscribed and p.threads == 3 and p.env["OMP_NUM_THREADS"] == "3"
     p = plan(cores=8, load=12.0, environ={})
     assert p.oversubscribed and p.env["OMP_NUM_THREADS"] == "1"
     p = plan(cores=16, load=20.0, environ={"OMP_NUM_THREADS": "4"})
     assert "OMP_NUM_THREADS" not in p.env and p.threads == 4 and p.env["OMP_WAIT_POLICY"] == "PASSIVE"
-    assert plan(cores=32, load=0.5, environ={}).env == {}
+    p = plan(cores=32, load=0.3, environ={})
+    assert not p.oversubscribed and p.env == {} and p.threads == 32      # a quiet big machine: untouched
+    assert plan(cores=2, load=0.2, environ={}).env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    env = {"EDGEUS_THREADS": "off"}
+    from edgeus.threads import configure
+
+    configure(environ=env, cores=2, load=9.0)
+    assert env == {"EDGEUS_THREADS": "off"}
+    env = {}
+    assert configure(environ=env, cores=2, load=9.0).threads == 1 and env["OMP_NUM_THREADS"] == "1"
     import subprocess
     import sys
 
