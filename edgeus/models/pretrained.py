@@ -3,7 +3,9 @@
 Nothing is downloaded: the file is read with ``torch.load(weights_only=True)``. It may be a raw state
 dict (a torchvision ``resnet50``/``mobilenet_v2``/``efficientnet_b0`` checkpoint, for example), a dict
 holding one under ``"state_dict"`` or ``"model"`` (an edgeus checkpoint works too), with or without a
-DataParallel ``module.`` prefix. Tensors are matched by key name:
+DataParallel ``module.`` prefix. A model may rename the file's keys first
+(``remap_pretrained_keys(state) -> state``: densenet201 reads old torchvision names). Tensors are
+matched by key name:
 
 - same name, same shape: loaded;
 - the classifier head (the last ``nn.Linear``: ``fc``, ``classifier.1``) with another class count:
@@ -86,6 +88,9 @@ def load_pretrained(model: nn.Module, path: str | Path, *, strict_rebuilt: bool 
     src = read_state_dict(path)
     target_name = getattr(model, "pretrained_target", None)
     target = model.get_submodule(target_name) if target_name else model
+    remap = getattr(target, "remap_pretrained_keys", None)   # e.g. densenet201: old torchvision key names
+    if callable(remap):
+        src = remap(src)
     rebuilt = tuple(getattr(target, "pretrained_rebuilt_prefixes", ()))
     own = target.state_dict()
     stem, head = _first_conv_and_head(target)

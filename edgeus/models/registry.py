@@ -23,6 +23,7 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {}
 # modules that hold architectures; imported lazily on first use of the registry
 _ARCH_MODULES = (
     "simple_cnn", "resnet50", "rsmas", "efficientnet_b0_cbam", "dsc_sta", "mobilenetv2", "two_stage",
+    "densenet201",
 )
 _loaded = False
 

@@ -1,0 +1,174 @@
+"""The seed papers' systems (issue 20): DenseNet-201 (seed 001), Coordinate Attention and Ghost
+modules and CP decomposition (seed 002's review), seed metrics (PR-AP, curves), CAMUS views (seed 003)."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import make_cfg
+from edgeus.models import create_model, list_models
+
+SIZE = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _export_parity(model: nn.Module, x: torch.Tensor, path: Path | None = None) -> float:
+    """Max |ONNX Runtime - torch| over the logits (TorchScript exporter, dynamic batch)."""
+    import io
+    import warnings
+
+    from edgeus.onnx.session import run_logits
+
+    model.eval()
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x[:1],), f, opset_version=17, dynamo=False, input_names=["image"],
+                          output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+    if path is not None:
+        Path(path).write_bytes(f.getvalue())
+    got = run_logits(f.getvalue(), x.numpy(), batch=None, threads=1)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert got.shape == ref.shape
+    return float(np.abs(got - ref).max() / max(1.0, float(np.abs(ref).max())))
+
+
+def _prune(model, ratio=0.4, *extra):
+    from edgeus.prune import example_input, prune_model
+
+    cfg = make_cfg(f"data.image_size={SIZE}", "prune.measure_latency=false", f"prune.ratio={ratio}", *extra)
+    return prune_model(model, cfg.prune, example_inputs=example_input(model, SIZE))
+
+
+def _roundtrip(model, tmp_path):
+    """Save as an edgeus checkpoint and rebuild from it (the pruning record replays the shapes)."""
+    from edgeus.train.checkpoint import load_checkpoint, save_checkpoint
+
+    path = save_checkpoint(tmp_path / "m.pt", model, classes=["a", "b", "c"],
+                           preprocessing={"image_size": SIZE, "in_chans": 1, "mean": [0.5], "std": [0.25]})
+    loaded, _ = load_checkpoint(path)
+    return loaded.eval()
+
+
+# --- 1. DenseNet-201 ---------------------------------------------------------------------------------
+
+def test_densenet201_is_listed_and_has_torchvisions_layout():
+    assert "densenet201" in list_models()
+    m = create_model("densenet201", num_classes=1000, in_chans=3)
+    sd = m.state_dict()
+    assert sum(p.numel() for p in m.parameters()) == 20_013_928      # torchvision densenet201
+    assert len(sd) == 1207
+    for key, shape in {
+        "features.conv0.weight": (64, 3, 7, 7),
+        "features.denseblock1.denselayer1.norm1.weight": (64,),
+        "features.denseblock1.denselayer1.conv1.weight": (128, 64, 1, 1),
+        "features.denseblock1.denselayer6.conv2.weight": (32, 128, 3, 3),
+        "features.transition1.conv.weight": (128, 256, 1, 1),
+        "features.denseblock3.denselayer48.norm1.running_var": (256 + 47 * 32,),
+        "features.transition3.conv.weight": (896, 1792, 1, 1),
+        "features.denseblock4.denselayer32.conv2.weight": (32, 128, 3, 3),
+        "features.norm5.weight": (1920,),
+        "classifier.weight": (1000, 1920),
+    }.items():
+        assert tuple(sd[key].shape) == shape, key
+
+
+def test_densenet201_pretrained_torchvision_file_loads(tmp_path):
+    """A torchvision-named file (here at width 0.125, with old-style ``norm.1`` keys as torchvision's own
+    download has) loads: stem summed to one channel, head re-initialised for another class count."""
+    from edgeus.models.pretrained import load_pretrained
+
+    torch.manual_seed(0)
+    src = create_model("densenet201", num_classes=1000, in_chans=3, width=0.125)
+    old = {}
+    for k, v in src.state_dict().items():
+        for part in ("norm1", "norm2", "conv1", "conv2"):
+            if f".{part}." in k and "denselayer" in k:
+                k = k.replace(f".{part}.", f".{part[:-1]}.{part[-1]}.")
+                break
+        old[k] = v
+    assert "features.denseblock1.denselayer1.norm.1.weight" in old
+    path = tmp_path / "densenet201.pth"
+    torch.save(old, path)
+    dst = create_model("densenet201", num_classes=2, in_chans=1, width=0.125)
+    head = dst.classifier.weight.detach().clone()
+    report = load_pretrained(dst, path)
+    torch.testing.assert_close(dst.features.conv0.weight, src.features.conv0.weight.sum(1, keepdim=True))
+    torch.testing.assert_close(dst.features.denseblock3.denselayer20.conv2.weight,
+                               src.features.denseblock3.denselayer20.conv2.weight)
+    torch.testing.assert_close(dst.features.norm5.running_mean, src.features.norm5.running_mean)
+    assert torch.equal(dst.classifier.weight, head)
+    assert set(report["head_reinitialised"]) == {"classifier.weight", "classifier.bias"}
+    assert "features.conv0.weight" in report["adapted"] and not report["unused"]
+    src.eval(), dst.eval()
+    x = torch.randn(1, 1, SIZE, SIZE)
+    torch.testing.assert_close(dst.features(x), src.features(x.repeat(1, 3, 1, 1)), atol=1e-4, rtol=1e-4)
+
+
+def test_densenet201_width_in_chans_and_onnx_parity():
+    torch.manual_seed(0)
+    for in_chans in (1, 3):
+        m = create_model("densenet201", num_classes=3, in_chans=in_chans, width=0.125)
+        assert m.features.conv0.in_channels == in_chans
+        assert m.features.denseblock1.denselayer1.conv2.out_channels == 4   # growth 32 * 0.125
+    m = create_model("densenet201", num_classes=3, in_chans=1, width=0.125).eval()
+    assert _export_parity(m, torch.randn(3, 1, SIZE, SIZE)) < 1e-4
+
+
+def _dense_channels_consistent(model) -> None:
+    """Every dense layer's input = the block input + the new channels of the layers before it."""
+    feats = model.features
+    n = feats.conv0.out_channels
+    assert feats.norm0.num_features == n
+    for b in range(1, 5):
+        block = getattr(feats, f"denseblock{b}")
+        for layer in block.values():
+            assert layer.norm1.num_features == layer.conv1.in_channels == n
+            assert layer.norm2.num_features == layer.conv1.out_channels == layer.conv2.in_channels
+            n += layer.conv2.out_channels
+        if b < 4:
+            t = getattr(feats, f"transition{b}")
+            assert t.norm.num_features == t.conv.in_channels == n
+            n = t.conv.out_channels
+    assert feats.norm5.num_features == model.classifier.in_features == n
+
+
+def test_densenet201_prunes_through_dense_concatenations(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("densenet201", num_classes=3, in_chans=1, width=0.125)
+    before = copy.deepcopy(model)
+    pruned, rep = _prune(model, 0.4)
+    _dense_channels_consistent(pruned)
+    s = rep["structured"]
+    assert rep["after"]["macs"] < 0.8 * rep["before"]["macs"]
+    # the concatenations were followed: growth channels, bottlenecks and transitions all shrank
+    assert pruned.features.denseblock2.denselayer3.conv2.out_channels < 4
+    assert pruned.features.denseblock4.denselayer1.conv1.out_channels < 16
+    assert pruned.features.transition2.conv.out_channels < before.features.transition2.conv.out_channels
+    assert pruned.features.norm5.num_features < before.features.norm5.num_features
+    assert pruned.classifier.out_features == 3
+    assert any(w["layer"] == "classifier" for w in s["layers_left_whole"])
+    json.dumps(rep)
+    x = torch.randn(2, 1, SIZE, SIZE)
+    assert pruned.eval()(x).shape == (2, 3)
+    assert _export_parity(pruned, x) < 1e-4
+    again = _roundtrip(pruned, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), pruned(x))
+    # the input model is untouched
+    for (k, a), b in zip(model.state_dict().items(), before.state_dict().values()):
+        assert torch.equal(a, b), k
