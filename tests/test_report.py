@@ -120,7 +120,10 @@ def test_misses_are_visible(copy):
     q = next(copy.glob("*-quantize/report.json"))
     rep = json.loads(q.read_text())
     rep["within_tolerance"] = False
-    rep["final_check"] = {"ok": False, "accuracy_drop": 0.031, "worst_class": "malignant", "worst_recall_drop": 0.08}
+    rep["final_check"] = {"ok": False, "accuracy_drop": 0.031, "worst_class": "malignant", "worst_recall_drop": 0.08,
+                          "max_accuracy_drop": 0.01, "max_recall_drop": 0.02, "agreement": 0.95, "min_agreement": 0.99,
+                          "fidelity_images": 200, "worst_flip_class": "benign", "worst_flip_rate": 0.01,
+                          "max_class_flip_rate": 0.02}
     q.write_text(json.dumps(rep))
     led = json.loads((copy / "ledger.json").read_text())
     g = dict(led["gates"][0], status="fail", passed=False, change=-0.07, limit=0.05)
@@ -139,6 +142,8 @@ def test_misses_are_visible(copy):
     md = (copy / "report.md").read_text()
     summary = md.split("## ")[1]
     assert "INT8 outside its tolerance" in summary and "-3.1 pt" in summary and "-8.0 pt" in summary
+    assert "agreement with FP32 95.0 % of 200 images" in summary
+    assert "flipped" not in summary                          # the flip rate was within its limit
     assert "**Gate failed**" in summary and "-7.0 pt" in summary
     assert "**Gate underpowered**" in summary and "400 images needed" in summary
     assert "INT8 is slower than FP32 on this machine" in summary and "2.000 ms" in summary

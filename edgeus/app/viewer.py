@@ -117,7 +117,7 @@ class ViewerWindow(QMainWindow):
             toolbar.addAction(act)
 
         self.list = QListWidget()
-        self.list.setMinimumWidth(220)
+        self.list.setMinimumWidth(300)
         self.list.currentRowChanged.connect(self.show_entry)
         right = QWidget()
         rlay = QVBoxLayout(right)
@@ -218,7 +218,7 @@ class ViewerWindow(QMainWindow):
 
     def _item_text(self, e: Entry) -> str:
         cls = e.classes_of()
-        verdicts = " / ".join(self.classes[k] for k in cls.values())
+        verdicts = " · ".join(f"{n[0].upper()}: {self.classes[k]}" for n, k in cls.items())   # T: teacher, S: student
         return f"{'⚠ ' if e.disagree else ''}{e.path.name} — {verdicts}"
 
     # ------------------------------------------------------------------ showing one
@@ -259,8 +259,9 @@ class ViewerWindow(QMainWindow):
                 rgb = rgb.copy()
                 rgb[E.mask_outline(mask)] = (255, 255, 255)
                 if cam is not None and cam.shape == mask.shape:
-                    fr = E.lesion_fraction(cam, mask)
-                    note = f"Grad-CAM inside the lesion: {fr:.2f}" if fr is not None else ""
+                    fr, pg = E.lesion_fraction(cam, mask), E.pointing_game(cam, mask)
+                    note = (f"Grad-CAM inside the lesion: {fr:.2f} of its mass; peak "
+                            f"{'inside' if pg else 'outside'}") if fr is not None else ""
             if cam is None and self.cam is False:
                 note = (note + "\n" if note else "") + "saliency: install captum (edgeus[explain])"
             elif cam is None:
