@@ -601,7 +601,9 @@ def headline(rows: list[dict], classes: list[str], critical: str | None = None) 
     crit = critical if critical in classes else None
     out = {"teacher": teacher["stage"], "student": s["stage"],
            "bytes": [teacher.get("bytes"), s.get("bytes")], "params": [teacher.get("params"), s.get("params")],
-           "latency_ms": [teacher.get("latency_ms"), s.get("latency_ms")], "speedup": s.get("speedup"),
+           # both latencies from the student row's own timing block (the teacher timed beside it)
+           "latency_ms": [s["latency_ms"] * s["speedup"] if s.get("latency_ms") and s.get("speedup") else None,
+                          s.get("latency_ms")], "speedup": s.get("speedup"),
            "accuracy": [teacher["metrics"]["accuracy"], s["metrics"]["accuracy"]]}
     if crit:
         out["critical"] = {"class": crit, "recall": [teacher["metrics"]["recall"][crit], s["metrics"]["recall"][crit]]}

@@ -133,9 +133,7 @@ def stage_teacher(ctx, out: Path) -> StageResult:
     cfg = ctx.cfg
     if cfg.teacher.checkpoint:
         model, ckpt = load_checkpoint(cfg.teacher.checkpoint)
-        if list(ckpt["classes"]) != ctx.bundle.classes:
-            raise EdgeusError(f"teacher.checkpoint={cfg.teacher.checkpoint} predicts {ckpt['classes']}, "
-                              f"the data has {ctx.bundle.classes}")
+        check_teacher_checkpoint(cfg, ckpt, ctx.bundle.classes)
         shutil.copyfile(cfg.teacher.checkpoint, out / "model.pt")
         report = {"source": "loaded", "checkpoint": str(cfg.teacher.checkpoint)}
     else:
@@ -159,7 +157,7 @@ def stage_prune(ctx, out: Path) -> StageResult:
     ft = make_finetuner(ctx.cfg, ctx.bundle, teacher=_teacher_for_finetune(ctx), device=ctx.device)
     model, report = prune_model(ctx.model, ctx.cfg.prune, finetune=ft, loaders=ft.loaders, device=ctx.device,
                                 example_inputs=example_input(ctx.model, ctx.cfg.data.image_size, ctx.cfg.data.in_chans),
-                                out_dir=out)
+                                out_dir=out, channel_multiple=ctx.cfg.target.channel_multiple)
     return torch_result(ctx, out, model, report, "prune")
 
 
@@ -202,7 +200,8 @@ def stage_decompose(ctx, out: Path) -> StageResult:
     ft = make_finetuner(ctx.cfg, ctx.bundle, teacher=_teacher_for_finetune(ctx), device=ctx.device)
     model, report = decompose_model(ctx.model, ctx.cfg.decompose, image_size=ctx.cfg.data.image_size,
                                     in_chans=ctx.cfg.data.in_chans, finetune=ft,
-                                    calib_loader=ft.loaders["train_plain"], device=ctx.device, out_dir=out)
+                                    calib_loader=ft.loaders["train_plain"], device=ctx.device, out_dir=out,
+                                    channel_multiple=ctx.cfg.target.channel_multiple)
     return torch_result(ctx, out, model, report, "decompose")
 
 
@@ -223,6 +222,7 @@ def stage_export(ctx, out: Path) -> StageResult:
 
 @needs_teacher
 def stage_quantize(ctx, out: Path) -> StageResult:
+    from edgeus.data.fingerprint import data_fingerprint
     from edgeus.finetune import make_finetuner
     from edgeus.onnx.export import export_onnx, parity_sample, target_opset
     from edgeus.quantize import QATSetup, QDQLayout, inputs_from_bundle, quantize_onnx
@@ -238,7 +238,8 @@ def stage_quantize(ctx, out: Path) -> StageResult:
         sample, source = parity_sample(ctx.bundle.val, int(cfg.export.parity_samples))
         return export_onnx(model, onnx_path, cfg.export, preprocessing=dict(ctx.bundle.preprocessing),
                            classes=list(ctx.bundle.classes), sample=sample, sample_source=source,
-                           target_opset=target_opset(cfg.target), seed=int(cfg.seed))
+                           target_opset=target_opset(cfg.target), seed=int(cfg.seed),
+                           data=data_fingerprint(ctx.bundle, cfg.data))
 
     qat = QATSetup(ctx.model, finetune=lambda fp32_model: make_finetuner(cfg, ctx.bundle, teacher=fp32_model,
                                                                          device=ctx.device),
@@ -338,8 +339,49 @@ def preflight_package(cfg, run_dir: Path) -> None:
         raise UsageError(f"{tar} exists; choose a new package.out= or set package.overwrite=true")
 
 
+def check_teacher_checkpoint(cfg, ckpt: dict, classes: list[str] | None = None) -> None:
+    """A loaded teacher must see images as it was trained (size, channels, mean, std) and name the
+    data's classes; a mismatch is an error that says which setting to change (never a silent resize)."""
+    from edgeus.errors import CheckpointError
+
+    path = cfg.teacher.checkpoint
+    pre = ckpt.get("preprocessing") or {}
+    want = {"image_size": int(cfg.data.image_size), "in_chans": int(cfg.data.in_chans),
+            "mean": [float(v) for v in cfg.data.mean], "std": [float(v) for v in cfg.data.std]}
+    diff = []
+    for key, value in want.items():
+        have = pre.get(key)
+        if have is None:
+            continue
+        have = [float(v) for v in have] if isinstance(value, list) else int(have)
+        if have != value:
+            diff.append((key, have, value))
+    if diff:
+        raise CheckpointError(
+            f"teacher.checkpoint={path} was trained with " + ", ".join(f"{k}={h}" for k, h, _ in diff)
+            + "; this run prepares " + ", ".join(f"{k}={w}" for k, _, w in diff) + ": set "
+            + " ".join(f"data.{k}={h}".replace(" ", "") for k, h, _ in diff) + " to use it, or train a new teacher")
+    names = list(ckpt.get("classes") or [])
+    if classes is not None and names and names != list(classes):
+        raise CheckpointError(f"teacher.checkpoint={path} predicts {names}, the data has {list(classes)}")
+    k = (ckpt.get("arch") or {}).get("num_classes")
+    if k is not None and names and int(k) != len(names):
+        raise CheckpointError(f"teacher.checkpoint={path}: its head has {k} outputs but it names {len(names)} "
+                              f"classes {names}; the file is inconsistent")
+
+
+def preflight_teacher(cfg, run_dir: Path) -> None:
+    """A teacher checkpoint that does not fit the run is refused before any data loads."""
+    if not cfg.teacher.checkpoint:
+        return
+    from edgeus.train.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(cfg.teacher.checkpoint)
+    check_teacher_checkpoint(cfg, ckpt, list(cfg.data.classes) if cfg.data.classes else None)
+
+
 # checks a stage makes before the run starts (and before a run directory is created)
-PREFLIGHT: dict[str, Callable] = {"package": preflight_package}
+PREFLIGHT: dict[str, Callable] = {"teacher": preflight_teacher, "package": preflight_package}
 
 # the config sections a stage's result depends on: a resume that changes one runs that stage again
 SETTINGS: dict[str, tuple] = {
