@@ -268,9 +268,44 @@ def test_a_failed_gate_stays_failed_on_resume_and_ships_nothing(tmp_path, monkey
 
 
 def test_gate_error_from_the_python_api(tmp_path, monkeypatch):
+    from edgeus.pipeline.runner import failed_gates
+
     fail_every_gate(monkeypatch)
     with pytest.raises(GateError, match="no bundle is written"):
         run_compress(*SHORT, f"out={tmp_path / 'g'}")
+    assert failed_gates(tmp_path / "g") and failed_gates(tmp_path / "nothing") == []
+
+
+# ------------------------------------------------------------------------------------------ inputs, disk
+
+def test_a_teacher_checkpoint_of_another_size_is_refused_before_the_run(tmp_path):
+    from edgeus.models import create_model
+    from edgeus.train.checkpoint import save_checkpoint
+
+    ckpt = tmp_path / "t48.pt"
+    save_checkpoint(ckpt, create_model("simple_cnn", num_classes=3, in_chans=1, width=0.25),
+                    classes=["normal", "benign", "malignant"],
+                    preprocessing={"image_size": 48, "in_chans": 1, "mean": [0.5], "std": [0.25]})
+    r = cli("compress", *ARGS, *SHORT, f"teacher.checkpoint={ckpt}", f"out={tmp_path / 'run'}")
+    assert r.returncode == 4 and "image_size=48" in r.stderr and "data.image_size=48" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_full_disk_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import errno
+
+    from edgeus.errors import exit_code
+    from edgeus.pipeline.ledger import write_json
+
+    def full(self, *a, **k):       # half a file written, then the disk is full
+        with open(self, "w") as f:
+            f.write("{")
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError) as e:
+        write_json(tmp_path / "state.json", {"a": 1})
+    assert exit_code(e.value) == 7 and list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------------ CLI hygiene

@@ -10,8 +10,12 @@ from pathlib import Path
 def write_json(path: Path, obj) -> None:
     """Write to a temporary name, then rename: a killed process never leaves half a file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=_default))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=1, default=_default))
+        os.replace(tmp, path)
+    except BaseException:          # disk full, interrupted: no temporary file is left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _default(o):

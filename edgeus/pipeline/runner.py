@@ -405,6 +405,20 @@ def _settings(cfg, name: str) -> dict:
             if sec in cfg}
 
 
+def failed_gates(run_dir) -> list[dict]:
+    """The enforced clinical gates a compress run directory failed ([] when none, or not enforced).
+    Commands that ship a run's models (``edgeus package runs/<run>``) refuse a run with any."""
+    from omegaconf import OmegaConf
+
+    run_dir = Path(run_dir)
+    state_path, cfg_path = run_dir / "state.json", run_dir / "config.yaml"
+    if not state_path.is_file():
+        return []
+    state = json.loads(state_path.read_text())
+    enforce = OmegaConf.select(OmegaConf.load(cfg_path), "gates.enforce", default=True) if cfg_path.is_file() else True
+    return G.failures(state.get("gates", [])) if enforce else []
+
+
 def _failed_gates(state, cfg) -> list[dict]:
     return G.failures(state.get("gates", [])) if cfg.gates.enforce else []
 
@@ -656,7 +670,7 @@ def _finish(ctx, result: dict) -> None:
     if cfg.compress.report:
         from edgeus.pipeline.report import write_report
 
-        paths = write_report(ctx.run_dir)
+        paths = write_report(ctx.run_dir, bundle=ctx.bundle)
         result["report"] = str(paths["html"])
 
 
