@@ -144,7 +144,7 @@ def machine_info() -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- predictions
-def _predictions(run_dir: Path, ledger: dict, state: dict, cfg) -> dict | None:
+def _predictions(run_dir: Path, ledger: dict, state: dict, cfg, bundle=None) -> dict | None:
     """Per-image test predictions of teacher and deployed student: from the ledger rows when they
     carry them, else by running the run's models on the test split. Adds the split (raw images,
     masks) when the data could be rebuilt."""
@@ -157,8 +157,9 @@ def _predictions(run_dir: Path, ledger: dict, state: dict, cfg) -> dict | None:
     if tm.get("probs") is not None and sm.get("probs") is not None and tm.get("labels") is not None:
         out.update(y=np.asarray(tm["labels"]), pt=np.asarray(tm["probs"]), ps=np.asarray(sm["probs"]),
                    source="stored in the ledger rows")
-    bundle = None
-    if cfg is not None:
+    if bundle is not None:
+        out["bundle"] = bundle
+    elif cfg is not None:
         try:
             from edgeus.data import build_datasets
 
@@ -169,12 +170,13 @@ def _predictions(run_dir: Path, ledger: dict, state: dict, cfg) -> dict | None:
     if "y" not in out:
         if bundle is None:
             return out if "y" in out else None
-        from edgeus.data import build_loaders
+        from torch.utils.data import DataLoader
+
         from edgeus.evaluate import predict_onnx, predict_torch
         from edgeus.train.checkpoint import load_checkpoint
 
         arts = state.get("artifacts", {})
-        loader = build_loaders(bundle, cfg.data)["test"]
+        loader = DataLoader(bundle.test, batch_size=64, shuffle=False)
         teacher = load_checkpoint(_resolve(run_dir, arts.get("teacher_model")))[0]
         y, pt = predict_torch(teacher, loader)
         spath = _resolve(run_dir, s.get("artifact"))
@@ -477,7 +479,10 @@ def _int8_slower_reason(info: dict, bench: list[dict], student_row: dict | None)
 
 
 # ----------------------------------------------------------------------------------------------- the report
-def write_report(run_dir: str | Path) -> dict:
+def write_report(run_dir: str | Path, bundle=None) -> dict:
+    """Write report.md, report.html and ledger.csv of a run directory. ``bundle``: the run's
+    :class:`~edgeus.data.DataBundle` when the caller has it (the runner does; otherwise the test split
+    is rebuilt from the run's config.yaml for the comparison, saliency and examples)."""
     run_dir = Path(run_dir)
     ledger = json.loads((run_dir / "ledger.json").read_text())
     state = json.loads((run_dir / "state.json").read_text())
@@ -506,7 +511,7 @@ def write_report(run_dir: str | Path) -> dict:
     # --- predictions and the paired comparison
     comp, pred = None, None
     try:
-        pred = _predictions(run_dir, ledger, state, cfg)
+        pred = _predictions(run_dir, ledger, state, cfg, bundle)
         if pred and "y" in pred:
             from edgeus.stats import compare
 
