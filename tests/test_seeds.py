@@ -172,3 +172,115 @@ def test_densenet201_prunes_through_dense_concatenations(tmp_path):
     # the input model is untouched
     for (k, a), b in zip(model.state_dict().items(), before.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+# --- 2. Coordinate Attention and Ghost modules ----------------------------------------------------------
+
+def test_coordinate_attention_is_two_axis_gates():
+    from edgeus.models.layers import CoordinateAttention
+
+    torch.manual_seed(0)
+    ca = CoordinateAttention(16, reduction=4).eval()
+    x = torch.randn(2, 16, 6, 9)
+    a_h, a_w = ca.gates(x)
+    assert a_h.shape == (2, 16, 6, 1) and a_w.shape == (2, 16, 1, 9)
+    torch.testing.assert_close(ca(x), x * a_h * a_w)
+    # the reference: pool per axis (nn.AdaptiveAvgPool2d((None, 1)) and ((1, None))), shared 1x1 conv on both strips
+    x_h = nn.AdaptiveAvgPool2d((None, 1))(x)
+    x_w = nn.AdaptiveAvgPool2d((1, None))(x).permute(0, 1, 3, 2)
+    y = ca.act(ca.bn1(ca.conv1(torch.cat([x_h, x_w], dim=2))))
+    ref_h = torch.sigmoid(ca.conv_h(y[:, :, :6]))
+    ref_w = torch.sigmoid(ca.conv_w(y[:, :, 6:].permute(0, 1, 3, 2)))
+    torch.testing.assert_close(a_h, ref_h)
+    torch.testing.assert_close(a_w, ref_w)
+    # the height gate depends on rows only: shuffling columns permutes nothing in it
+    perm = torch.randperm(9)
+    torch.testing.assert_close(ca.gates(x[..., perm])[0], a_h)
+
+
+def test_ghost_module_is_a_conv_and_its_cheap_copy():
+    from edgeus.models.layers import GhostModule
+    from edgeus.models.profile import count_macs
+
+    torch.manual_seed(0)
+    g = GhostModule(16, 32, kernel_size=3, relu=False).eval()
+    x = torch.randn(1, 16, 10, 10)
+    x1 = g.primary_conv(x)
+    torch.testing.assert_close(g(x), torch.cat([x1, g.cheap_operation(x1)], 1))
+    assert g.primary_conv[0].out_channels == 16 and g.cheap_operation[0].groups == 16
+    full = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+    assert count_macs(g, 10, 16) < 0.6 * count_macs(full, 10, 16)
+    with pytest.raises(ValueError, match="even"):
+        GhostModule(8, 7)
+
+
+VARIANTS = [("dsc_sta", {"attention": "ca"}), ("dsc_sta", {"ghost": True}),
+            ("mobilenetv2", {"attention": "ca"}), ("mobilenetv2", {"ghost": True, "attention": "ca"})]
+
+
+def _variant(name, kw, width=0.25):
+    from edgeus.train.run import build_model
+
+    cfg = make_cfg(f"model.name={name}", f"model.width={width}",
+                   *(f"model.kwargs.{k}={str(v).lower()}" for k, v in kw.items()))
+    return build_model(cfg, 3)
+
+
+def _lightweight_consistent(model) -> None:
+    from edgeus.models.layers import CoordinateAttention, GhostModule
+
+    n_ca = n_ghost = 0
+    for m in model.modules():
+        if isinstance(m, GhostModule):
+            p, c = m.primary_conv[0], m.cheap_operation[0]
+            assert p.out_channels == m.primary_conv[1].num_features == c.in_channels == c.out_channels == c.groups
+            assert m.cheap_operation[1].num_features == c.out_channels
+            n_ghost += 1
+        if isinstance(m, CoordinateAttention):
+            assert m.conv_h.out_channels == m.conv_w.out_channels == m.conv1.in_channels
+            assert m.conv1.out_channels == m.bn1.num_features == m.conv_h.in_channels == m.conv_w.in_channels
+            n_ca += 1
+    assert n_ca or n_ghost
+
+
+@pytest.mark.parametrize("name,kw", VARIANTS, ids=[f"{n}-{'-'.join(k)}" for n, k in VARIANTS])
+def test_lightweight_variants_train_prune_and_export(name, kw, tmp_path):
+    from edgeus.models.layers import CoordinateAttention, GhostModule
+
+    torch.manual_seed(0)
+    model = _variant(name, kw)
+    assert model.edgeus_arch["kwargs"] == kw
+    kinds = {type(m) for m in model.modules()}
+    assert (CoordinateAttention in kinds) == (kw.get("attention") == "ca")
+    assert (GhostModule in kinds) == bool(kw.get("ghost"))
+    # a training step reaches every parameter
+    x = torch.randn(4, 1, SIZE, SIZE)
+    nn.functional.cross_entropy(model.train()(x), torch.arange(4) % 3).backward()
+    assert not [n for n, p in model.named_parameters() if p.grad is None]
+    model.zero_grad(set_to_none=True)
+    plain = create_model(name, num_classes=3, width=0.25)
+    pruned, rep = _prune(model.eval(), 0.4)
+    _lightweight_consistent(pruned)
+    # about as much is cut as from the plain model (the Ghost pairs are cut once, not once per root)
+    assert 0.2 < rep["macs_ratio"] < 0.6, rep["macs_ratio"]
+    if kw.get("ghost"):
+        assert rep["structured"]["block_pruners"] == ["GhostModule"]
+        assert rep["macs_ratio"] > 0.6 * _prune(plain, 0.4)[1]["macs_ratio"]
+    assert pruned(x).shape == (4, 3)
+    assert _export_parity(pruned, x) < 1e-4
+    again = _roundtrip(pruned, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), pruned(x))
+
+
+def test_mobilenetv2_with_ca_keeps_torchvision_keys(tmp_path):
+    from edgeus.models.pretrained import load_pretrained
+
+    src = create_model("mobilenetv2", num_classes=1000, in_chans=3, width=0.25)
+    torch.save(src.state_dict(), tmp_path / "mnv2.pth")
+    dst = create_model("mobilenetv2", num_classes=2, in_chans=1, width=0.25, attention="ca")
+    report = load_pretrained(dst, tmp_path / "mnv2.pth")
+    torch.testing.assert_close(dst.features[5].conv[1][0].weight, src.features[5].conv[1][0].weight)
+    assert any(k.startswith("features.2.attention") for k in report["rebuilt_not_loaded"])
+    with pytest.raises(ValueError, match="attention"):
+        create_model("dsc_sta", width=0.25, attention="cbam")

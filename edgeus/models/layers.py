@@ -8,8 +8,19 @@
   then spatial attention from the channel-wise mean and max through a 7x7 conv.
 - ``SoftThreshold``: shrinkage attention (deep residual shrinkage networks): a per-channel threshold
   ``tau = |x|_mean * sigmoid(MLP(|x|_mean))`` and ``y = sign(x) * max(|x| - tau, 0)``.
+- ``CoordinateAttention``: coordinate attention (Hou et al., CVPR 2021), channel attention that keeps
+  the position along each spatial axis (the review's seed 002 lists it among lightweight modules).
+- ``GhostModule``: the Ghost module (Han et al., CVPR 2020): half the output channels from an ordinary
+  conv, the other half from a cheap depth-wise conv over them ("ghost" features), concatenated.
+
+CoordinateAttention is plain torch ops that torch-pruning's dependency graph follows (element-wise
+gates, pooling, concatenation and slicing along the spatial axes). GhostModule has a block pruner
+(``edgeus.prune.seed_pruners``): traced natively, the concatenation of a conv with a depth-wise conv
+of itself is pruned once per root it is reached from, which cuts far more than the ratio asks.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -114,3 +125,71 @@ class SoftThreshold(nn.Module):
         a = F.adaptive_avg_pool2d(mag, 1)
         tau = a * torch.sigmoid(self.fc2(self.act(self.fc1(a))))
         return torch.sign(x) * F.relu(mag - tau)
+
+
+class HardSwish(nn.Module):
+    """``x * relu6(x + 3) / 6`` written out (exports to any opset; ONNX's HardSwish needs opset 14)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * F.relu6(x + 3.0) / 6.0
+
+
+class CoordinateAttention(nn.Module):
+    """Coordinate attention (Hou, Zhou & Feng, CVPR 2021), as in the authors' MobileNetV2 code.
+
+    The feature map is pooled along each spatial axis separately (``[C, H, 1]`` and ``[C, 1, W]``), the
+    two strips are concatenated along the spatial axis and go through one shared 1x1 conv (C -> ``mip``
+    = max(min_hidden, C // reduction)), BatchNorm and h-swish, are split again, and two 1x1 convs
+    (``mip`` -> C) with a sigmoid give a height gate and a width gate: ``y = x * a_h * a_w``.
+    Unlike squeeze-excitation the gates keep *where* along each axis a channel responds (a lesion's
+    row and column), at the cost of two pooled strips instead of one vector.
+    """
+
+    def __init__(self, channels: int, reduction: int = 32, min_hidden: int = 8):
+        super().__init__()
+        mip = max(min_hidden, channels // reduction)
+        self.conv1 = nn.Conv2d(channels, mip, 1)
+        self.bn1 = nn.BatchNorm2d(mip)
+        self.act = HardSwish()
+        self.conv_h = nn.Conv2d(mip, channels, 1)
+        self.conv_w = nn.Conv2d(mip, channels, 1)
+
+    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a_h [B, C, H, 1], a_w [B, C, 1, W])."""
+        h = x.shape[2]
+        x_h = x.mean(dim=3, keepdim=True)                        # [B, C, H, 1]
+        x_w = x.mean(dim=2, keepdim=True).transpose(2, 3)        # [B, C, W, 1]
+        y = self.act(self.bn1(self.conv1(torch.cat([x_h, x_w], dim=2))))
+        y_h, y_w = y[:, :, :h], y[:, :, h:]
+        return torch.sigmoid(self.conv_h(y_h)), torch.sigmoid(self.conv_w(y_w.transpose(2, 3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a_h, a_w = self.gates(x)
+        return x * a_h * a_w
+
+
+class GhostModule(nn.Module):
+    """Ghost module (Han et al., CVPR 2020) with GhostNet's ratio s = 2: ``cat([x1, cheap(x1)])``,
+    ``x1 = primary(x)``.
+
+    ``primary``: a ``kernel_size`` conv + BN (+ ReLU) to ``out / 2`` intrinsic channels; ``cheap``: a
+    ``dw_size`` depth-wise conv + BN (+ ReLU) making one ghost map of each. About half a full conv's
+    MACs. Output channel ``j`` and ``j + out/2`` come from the same intrinsic channel, so a structured
+    prune removes them in pairs (``edgeus.prune.seed_pruners.GhostModulePruner``).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 1, dw_size: int = 3, stride: int = 1,
+                 relu: bool = True):
+        super().__init__()
+        if out_ch % 2:
+            raise ValueError(f"GhostModule needs an even number of output channels, got {out_ch}")
+        init = out_ch // 2
+        act = (lambda: nn.ReLU(inplace=True)) if relu else nn.Identity
+        self.primary_conv = nn.Sequential(
+            nn.Conv2d(in_ch, init, kernel_size, stride, kernel_size // 2, bias=False), nn.BatchNorm2d(init), act())
+        self.cheap_operation = nn.Sequential(
+            nn.Conv2d(init, init, dw_size, 1, dw_size // 2, groups=init, bias=False), nn.BatchNorm2d(init), act())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1 = self.primary_conv(x)
+        return torch.cat([x1, self.cheap_operation(x1)], dim=1)
