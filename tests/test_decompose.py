@@ -306,3 +306,45 @@ def test_batchnorm_recalibration_re_estimates_statistics_only():
     assert torch.allclose(model[1].running_mean, acts.mean((0, 2, 3)), atol=1e-4)
     assert not model.training and model[1].momentum == 0.1
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+
+
+class _Stem(nn.Module):
+    """A 1-channel 7x7 stem (the issue-18 case: Tucker-2 made it one 7x7 filter and a 1x1 expansion) and
+    a few wider layers, so a tight budget pushes ranks down."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 7, padding=3, bias=False)
+        self.b = nn.Conv2d(8, 48, 3, padding=1)
+        self.c = nn.Conv2d(48, 64, 3, padding=1)
+        self.fc = nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.fc(self.c(torch.relu(self.b(torch.relu(self.conv1(x))))).mean((2, 3)))
+
+
+def _ranks(rep):
+    return {e["name"]: (e["ranks"], e["full_ranks"]) for e in rep["layers"]}
+
+
+def test_no_rank_1_core_unless_asked():
+    torch.manual_seed(0)
+    over = ("data.image_size=16", "decompose.method=hosvd", "decompose.rank_mode=ratio", "decompose.ratio=0.1",
+            "decompose.rank_multiple=1")
+    _, rep = _decompose(_Stem(), make_cfg(*OWN, *over, "decompose.min_rank=1"))
+    assert _ranks(rep)["conv1"][0] == [1, 1]          # what the old floor allowed: a rank-1 stem
+    _, rep = _decompose(_Stem(), make_cfg(*OWN, *over))
+    assert rep["min_rank"] == 2
+    for name, (ranks, full) in _ranks(rep).items():
+        assert all(r >= 2 or f == 1 for r, f in zip(ranks, full)), (name, ranks, full)
+
+
+def test_a_targets_channel_multiple_sets_the_ranks():
+    torch.manual_seed(0)
+    cfg = make_cfg(*OWN, "data.image_size=16", "decompose.method=hosvd", "decompose.target_macs=0.5")
+    out, rep = _decompose(_Stem(), cfg, channel_multiple=16)
+    assert rep["channel_multiple"] == 16 and rep["n_decomposed"] >= 1
+    for name, (ranks, full) in _ranks(rep).items():
+        assert all(r == f or (r % 16 == 0 and r >= 16) for r, f in zip(ranks, full)), (name, ranks, full)
+        assert name != "conv1"                          # 8 output channels, at most the multiple: left whole
+    assert out(torch.randn(1, 1, 16, 16)).shape == (1, 3)

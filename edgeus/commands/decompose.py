@@ -5,6 +5,7 @@ convolutions, ranks by ratio / energy / VBMF / a global MACs budget, then fine-t
     edgeus decompose best.pt decompose.target_macs=0.6 out=student.pt
     edgeus decompose best.pt decompose.rank_mode=vbmf decompose.finetune_epochs=0
     edgeus decompose best.pt decompose.rank_mode=energy decompose.energy=0.9 decompose.method=hosvd
+    edgeus decompose best.pt target=jetson_orin_nano       # ranks in the target's channel multiples
 
 Each k x k convolution becomes 1x1 (C_in->R_in), k x k (R_in->R_out, same stride/padding/dilation),
 1x1 (R_out->C_out): plain convolutions that ONNX and TensorRT run as such. Depth-wise, grouped and
@@ -48,7 +49,8 @@ def run(cfg, args):
         ft = make_finetuner(cfg, bundle, device=device)
     new, report = decompose_model(model, cfg.decompose, image_size=cfg.data.image_size, in_chans=cfg.data.in_chans,
                                   finetune=ft, calib_loader=ft.loaders["train_plain"] if ft is not None else None,
-                                  device=device, out_dir=out.parent / f"{out.stem}-work")
+                                  device=device, out_dir=out.parent / f"{out.stem}-work",
+                                  channel_multiple=cfg.target.channel_multiple)
     metrics = {}
     if report.get("finetune"):
         metrics = report["finetune"].get("best_metrics") or {}

@@ -5,6 +5,7 @@
     edgeus prune teacher.pt prune.importance=bn_scale prune.slimming_epochs=3
     edgeus prune teacher.pt prune.method=unstructured prune.sparsity=0.8 prune.sparsity_steps=4
     edgeus prune teacher.pt prune.method=semi_structured prune.finetune_epochs=3   # 2:4 for TensorRT
+    edgeus prune teacher.pt prune.target_macs=0.3 target=jetson_orin_nano   # channels in the target's multiples
 
 Structured pruning runs on torch-pruning's dependency graph (residuals, concatenations, depth-wise
 and grouped convs, SE/CBAM gates, RSMAS-Net's SCConv and MDTA blocks cut consistently). A target is
@@ -55,7 +56,7 @@ def run(cfg, args):
     ft = make_finetuner(cfg, bundle, teacher=teacher, device=device) if bundle is not None else None
     model, report = prune_model(model, cfg.prune, example_inputs=example_input(model, cfg.data.image_size, cfg.data.in_chans),
                                 finetune=ft, loaders=ft.loaders if ft is not None else None, device=device,
-                                out_dir=out.parent / (out.stem + "_work"))
+                                out_dir=out.parent / (out.stem + "_work"), channel_multiple=cfg.target.channel_multiple)
     from edgeus.data.fingerprint import data_fingerprint
 
     save_checkpoint(out, model, classes=classes or ["class"], preprocessing=pre, config=OmegaConf.to_yaml(cfg),

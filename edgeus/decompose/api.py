@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from edgeus.decompose.cp import cp_layer
 from edgeus.decompose.layers import find_layers
 from edgeus.decompose.ranks import RANK_MODES, select_ranks
 from edgeus.decompose.structure import set_module
@@ -27,8 +28,8 @@ def _params(m: nn.Module) -> int:
 
 
 def check_config(dcfg) -> None:
-    if dcfg.method not in METHODS:
-        raise EdgeusError(f"decompose.method={dcfg.method!r}: use one of {', '.join(METHODS)}")
+    if dcfg.method not in (*METHODS, "cp"):
+        raise EdgeusError(f"decompose.method={dcfg.method!r}: use one of {', '.join(METHODS)}, cp")
     if dcfg.rank_mode not in RANK_MODES:
         raise EdgeusError(f"decompose.rank_mode={dcfg.rank_mode!r}: use one of {', '.join(RANK_MODES)}")
     if dcfg.rank_mode == "budget" and not 0.0 < float(dcfg.target_macs) <= 1.0:
@@ -39,9 +40,24 @@ def check_config(dcfg) -> None:
         raise EdgeusError(f"decompose.energy={dcfg.energy}: a fraction of the energy in (0, 1]")
 
 
-def decompose_layers(model: nn.Module, cfg, *, image_size: int, in_chans: int) -> tuple[nn.Module, dict]:
-    """Decompose ``model`` in place (``cfg`` = the decompose section). Returns (model, report)."""
+class _RankRules:
+    """The decompose section seen with a target's channel multiple (read by ``Layer.allowed_ranks``)."""
+
+    def __init__(self, dcfg, channel_multiple: int | None):
+        self._dcfg = dcfg
+        self.channel_multiple = int(channel_multiple) if channel_multiple else None
+
+    def __getattr__(self, name):
+        return getattr(self._dcfg, name)
+
+
+def decompose_layers(model: nn.Module, cfg, *, image_size: int, in_chans: int,
+                     channel_multiple: int | None = None) -> tuple[nn.Module, dict]:
+    """Decompose ``model`` in place (``cfg`` = the decompose section). Returns (model, report).
+    ``channel_multiple``: ranks are multiples of it (a target's INT8 channel alignment)."""
     check_config(cfg)
+    if channel_multiple and int(channel_multiple) > 1:
+        cfg = _RankRules(cfg, channel_multiple)
     t0 = time.time()
     macs_before = count_macs(model, image_size, in_chans)
     params_before = count_params(model)
@@ -58,7 +74,14 @@ def decompose_layers(model: nn.Module, cfg, *, image_size: int, in_chans: int) -
             skipped.append({"name": layer.name, "type": type(layer.module).__name__, "shape": layer.shape,
                             "reason": why})
             continue
-        if layer.kind == "tucker2":
+        if layer.kind == "tucker2" and cfg.method == "cp":   # CP at the MACs of the planned Tucker-2 ranks
+            new, info_l = cp_layer(layer, ranks, cfg)
+            if new is None:
+                skipped.append({"name": layer.name, "type": type(layer.module).__name__, "shape": layer.shape,
+                                "reason": info_l["reason"]})
+                continue
+            spec = info_l["spec"]
+        elif layer.kind == "tucker2":
             new, info_l = tucker2_decompose(layer.module, ranks, cfg.method, iters=int(cfg.hooi_iters))
             spec = {"type": "tucker2", "ranks": info_l["ranks"], "first": info_l["first"], "last": info_l["last"]}
         elif layer.kind == "svd_conv":
@@ -67,9 +90,9 @@ def decompose_layers(model: nn.Module, cfg, *, image_size: int, in_chans: int) -
         else:
             new, info_l = svd_linear_decompose(layer.module, ranks[0])
             spec = {"type": "svd_linear", "ranks": info_l["ranks"]}
-        macs_after = layer.macs_at(ranks)
+        macs_after = info_l["macs"] if spec["type"] == "cp" else layer.macs_at(ranks)
         entries.append({
-            "name": layer.name, "type": layer.kind, "shape": layer.shape, "ranks": list(spec["ranks"]),
+            "name": layer.name, "type": spec["type"], "shape": layer.shape, "ranks": list(spec["ranks"]),
             "full_ranks": list(layer.modes), "in_hw": list(layer.in_hw), "out_hw": list(layer.out_hw),
             "macs_before": int(layer.macs), "macs_after": int(macs_after),
             "params_before": _params(layer.module), "params_after": _params(new),
@@ -100,6 +123,8 @@ def decompose_layers(model: nn.Module, cfg, *, image_size: int, in_chans: int) -
         "layers": entries,
         "skipped": skipped,
         "n_decomposed": len(entries),
+        "channel_multiple": getattr(cfg, "channel_multiple", None),
+        "min_rank": int(getattr(cfg, "min_rank", 1) or 1),
         "seconds": round(time.time() - t0, 3),
     }
     if cfg.rank_mode == "budget":
@@ -159,8 +184,8 @@ def _input_shape(example_inputs, image_size, in_chans) -> tuple[int, int]:
 
 def decompose_model(model: nn.Module, dcfg, *, example_inputs: torch.Tensor | None = None,
                     image_size: int | None = None, in_chans: int | None = None, finetune=None,
-                    calib_loader=None, device: str = "cpu",
-                    out_dir: str | Path | None = None) -> tuple[nn.Module, dict]:
+                    calib_loader=None, device: str = "cpu", out_dir: str | Path | None = None,
+                    channel_multiple: int | None = None) -> tuple[nn.Module, dict]:
     """The decompose stage: Tucker-2 / SVD with ranks by ``dcfg.rank_mode``, then fine-tuning.
 
     ``dcfg`` is the ``decompose`` section. MACs are counted at the size of ``example_inputs`` (or
@@ -169,14 +194,15 @@ def decompose_model(model: nn.Module, dcfg, *, example_inputs: torch.Tensor | No
     ``load_checkpoint``. ``calib_loader`` (batches with an ``image``): BatchNorm statistics are
     re-estimated on ``dcfg.recalibrate_bn`` of its batches. ``finetune`` (from
     :func:`edgeus.finetune.make_finetuner`, with or without a teacher): ``dcfg.finetune_epochs``
-    of fine-tuning at ``dcfg.lr``.
+    of fine-tuning at ``dcfg.lr``. ``channel_multiple`` (a target's INT8 channel alignment): every
+    rank a multiple of it and at least it, so no decomposed layer is narrower than the kernels want.
     """
     if not dcfg.enabled:
         return model, {"stage": "decompose", "enabled": False}
     check_config(dcfg)
     size, chans = _input_shape(example_inputs, image_size, in_chans)
     model = copy.deepcopy(model).cpu()
-    model, report = decompose_layers(model, dcfg, image_size=size, in_chans=chans)
+    model, report = decompose_layers(model, dcfg, image_size=size, in_chans=chans, channel_multiple=channel_multiple)
     report["enabled"] = True
     report["bn_recalibrated_batches"] = 0
     if calib_loader is not None and report["n_decomposed"] and int(dcfg.recalibrate_bn) > 0:

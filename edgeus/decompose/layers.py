@@ -62,16 +62,30 @@ class Layer:
 
     def allowed_ranks(self, mode: int, cfg) -> np.ndarray:
         """Ranks a mode may take, ascending, ending at its full size: multiples of
-        ``decompose.rank_multiple`` (any rank when the mode has fewer than 4x that many channels), at
-        least ``decompose.min_rank_ratio`` of the channels; a Tucker mode with fewer than
+        ``decompose.rank_multiple`` (any rank when the mode has fewer than 4x that many channels), or
+        of a target's ``channel_multiple`` when one is given (then at least that multiple, and a mode
+        no larger than it stays whole); never below ``decompose.min_rank`` nor
+        ``decompose.min_rank_ratio`` of the channels; a Tucker mode with fewer than
         ``decompose.min_channels`` channels stays at full rank."""
         c = self.modes[mode]
-        mult = max(1, int(getattr(cfg, "rank_multiple", 1)))
-        if c < 4 * mult:
-            mult = 1
         if self.kind == "tucker2" and c < int(getattr(cfg, "min_channels", 1)):
             return np.array([c])
-        floor = max(1, int(np.ceil(float(getattr(cfg, "min_rank_ratio", 0.0)) * c)))
+        target = int(getattr(cfg, "channel_multiple", None) or 1)
+        if target > 1:
+            # a target's channel multiple (its INT8 kernels' alignment): ranks are multiples of it and
+            # at least it; a mode of at most that many channels stays at full rank
+            if c <= target:
+                return np.array([c])
+            mult = floor = target
+        else:
+            mult = max(1, int(getattr(cfg, "rank_multiple", 1)))
+            if c < 4 * mult:
+                mult = 1
+            floor = 1
+        # never a degenerate core: below decompose.min_rank (2: no rank-1 layer whose outputs are
+        # scaled copies of one map) or decompose.min_rank_ratio of the channels
+        floor = max(floor, min(c, int(getattr(cfg, "min_rank", 1) or 1)),
+                    int(np.ceil(float(getattr(cfg, "min_rank_ratio", 0.0)) * c)))
         ranks = [r for r in range(mult, c, mult) if r >= floor]
         return np.array(ranks + [c])
 

@@ -25,6 +25,9 @@ class TargetConfig:
     tensorrt: Optional[str] = None        # TensorRT version range, e.g. ">=10.3,<11"
     dla_cores: int = 0                    # DLA cores the module is expected to have (checked on device)
     sparse_weights: bool = False          # 2:4 structured sparsity worth enabling on this GPU
+    # channel count multiple the target's INT8 kernels want: structured pruning keeps channel counts and
+    # decomposition keeps ranks at multiples of it (None = no constraint, e.g. ONNX Runtime on a CPU)
+    channel_multiple: Optional[int] = None
     precision: str = "int8"               # int8 | fp16 | fp32 (what the engine/model runs at)
     fp16: bool = True                     # allow FP16 for layers left unquantised (non strongly-typed builds)
     workspace_mb: int = 1024              # builder workspace memory pool

@@ -25,14 +25,17 @@ def example_input(model: nn.Module, image_size: int, in_chans: int | None = None
 
 
 def prune_model(model: nn.Module, pcfg, *, example_inputs: torch.Tensor, finetune: Callable | None = None,
-                loaders: dict | None = None, device: str = "cpu",
-                out_dir: str | Path | None = None) -> tuple[nn.Module, dict]:
+                loaders: dict | None = None, device: str = "cpu", out_dir: str | Path | None = None,
+                channel_multiple: int | None = None) -> tuple[nn.Module, dict]:
     """Prune ``model`` as ``pcfg`` (the ``prune`` section) says.
 
     ``example_inputs``: one input batch (see :func:`example_input`) for tracing and counting MACs.
     ``finetune``: a callable from :func:`edgeus.finetune.make_finetuner` (with or without a teacher);
     without it no fine-tuning happens (the report says so). ``loaders``: the data loaders, needed
-    only by data-driven importance (``taylor`` reads ``train_plain``). Returns the pruned model
+    only by data-driven importance (``taylor`` reads ``train_plain``). ``channel_multiple``: the
+    channel multiple the target's INT8 kernels want (``target.channel_multiple``); structured pruning
+    keeps every channel count a multiple of it (and of ``prune.round_to``), at least one multiple,
+    while the MACs budget search accounts for the rounding. Returns the pruned model
     (on the CPU, in eval mode; always a new object) and a JSON-able report. ``model`` itself is never
     modified, whatever the method or target (``prune.ratio`` prunes a copy, as ``prune.target_macs``
     does), so the model passed in can be the teacher that ``finetune`` distils from.
@@ -50,7 +53,7 @@ def prune_model(model: nn.Module, pcfg, *, example_inputs: torch.Tensor, finetun
     for i, m in enumerate(methods):
         if m == "structured":
             model, rep = prune_structured(model, pcfg, example, finetune=finetune, loaders=loaders, device=device,
-                                          out_dir=out_dir, methods=methods)
+                                          out_dir=out_dir, methods=methods, channel_multiple=channel_multiple)
             if i == len(methods) - 1:   # the final fine-tune runs after the last method only
                 model, ft = run_finetune(model, finetune, pcfg.finetune_epochs, out_dir, "prune-final", lr=pcfg.lr,
                                          use_teacher=bool(pcfg.use_teacher))

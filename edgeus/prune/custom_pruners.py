@@ -141,6 +141,25 @@ def group_uniform_drop(scores: torch.Tensor, groups: int, n_drop_per_group: int)
     return sorted(drop)
 
 
+def per_group_multiple(multiple: int, groups: int) -> int:
+    """The per-group channel step that keeps a layer of ``groups`` equal groups at a total channel
+    count that is a multiple of ``multiple``."""
+    multiple, groups = max(1, int(multiple)), max(1, int(groups))
+    return math.lcm(multiple, groups) // groups
+
+
+def rounded_keep(n: int, keep: float, multiple: int = 1) -> int:
+    """Channels to keep of ``n`` when ``keep`` are wanted and counts come in steps of ``multiple``:
+    the nearest multiple, never below ``multiple`` (a floor that keeps a layer from going degenerate)
+    and never above ``n``; a layer of at most ``multiple`` channels keeps them all."""
+    multiple = max(1, int(multiple))
+    if multiple == 1:
+        return max(1, min(n, int(keep)))
+    if n <= multiple:
+        return n
+    return min(n, max(multiple, int(round(keep / multiple)) * multiple))
+
+
 def n_to_drop(n: int, ratio: float, multiple: int = 1, min_keep: int = 1) -> int:
     """How many of n channels to drop at ``ratio``, keeping a multiple of ``multiple`` (>= min_keep)."""
     keep = max(min_keep, int(math.ceil(n * (1.0 - ratio))))
@@ -180,8 +199,9 @@ class BlockPruner(tp.pruner.BasePruningFunc):
         w.requires_grad_(True)
         return F.conv2d(x, w, stride=self.stride(block))
 
-    def prune_internal(self, block: nn.Module, ratio: float) -> dict:
-        """Cut channels that live only inside the block at ``ratio``; returns what was cut."""
+    def prune_internal(self, block: nn.Module, ratio: float, multiple: int = 1) -> dict:
+        """Cut channels that live only inside the block at ``ratio``, keeping each internal channel
+        count a multiple of ``multiple`` (at least ``multiple``); returns what was cut."""
         return {}
 
 
@@ -312,11 +332,12 @@ class SCConvPruner(BlockPruner):
             cru.low_squeezed = len(keep_low_sq)
         return layer
 
-    def prune_internal(self, layer, ratio):
+    def prune_internal(self, layer, ratio, multiple=1):
         cru = layer.cru
         n, g = cru.up_squeezed, cru.gwc.groups
         per = n // g
-        n_drop = n_to_drop(per, ratio, min_keep=1)
+        step = per_group_multiple(multiple, g)
+        n_drop = n_to_drop(per, ratio, min_keep=1) if step == 1 else (per - rounded_keep(per, per * (1 - ratio), step))
         if n_drop <= 0:
             return {}
         scores = l2_scores((cru.squeeze1.weight, 0), (cru.pwc1.weight, 1))
@@ -365,11 +386,12 @@ class MDTAPruner(BlockPruner):
 
     prune_in_channels = prune_out_channels
 
-    def prune_internal(self, layer, ratio):
+    def prune_internal(self, layer, ratio, multiple=1):
         d = layer.project_out.in_channels     # attention dim = Q = K = V channels
         h = layer.num_heads
         per = d // h
-        n_drop = n_to_drop(per, ratio, min_keep=1)
+        step = per_group_multiple(multiple, h)
+        n_drop = n_to_drop(per, ratio, min_keep=1) if step == 1 else (per - rounded_keep(per, per * (1 - ratio), step))
         if n_drop <= 0:
             return {}
         w_qkv = layer.qkv.weight.detach().float().pow(2).flatten(1).sum(1)       # [3d]

@@ -95,6 +95,44 @@ def analyse(model: nn.Module, example: torch.Tensor, ignore: list[str] = ()) -> 
     return info
 
 
+_PRUNER = None
+
+
+def _pruner_class():
+    """torch-pruning's ``BasePruner`` with ``round_to`` that can be trusted by a budget search.
+
+    torch-pruning rounds the channels a layer keeps *down* to a multiple of ``round_to``; a layer
+    that would keep fewer than ``round_to`` rounds to zero, and a cut that removes every channel is
+    dropped, so the layer stays whole. Under a deep cut the smallest layers (an RSMAS stem and its
+    first stage) then kept all their channels and the MACs budget was missed, while a slightly
+    smaller ratio pruned them. Here a layer keeps the nearest multiple, never fewer than
+    ``round_to`` (a floor: no 1-channel bottleneck), and a layer of at most ``round_to`` channels is
+    left as it is, so MACs fall steadily with the ratio. For a layer of ``g`` channel groups the
+    per-group count moves in steps that keep the total a multiple of ``round_to``.
+    """
+    global _PRUNER
+    if _PRUNER is not None:
+        return _PRUNER
+    import sys
+
+    import torch_pruning as tp
+
+    class RoundingPruner(tp.pruner.BasePruner):
+        def _round_to(self, n_pruned, current_channels, round_to):
+            # torch-pruning passes the per-group count of channels to cut and the layer's total; the
+            # number of groups is a local of its caller (read defensively: 1 when absent)
+            groups = int(sys._getframe(1).f_locals.get("ch_groups", 1) or 1)
+            if groups < 1 or current_channels % groups:
+                groups = 1
+            size = current_channels // groups
+            step = cp.per_group_multiple(round_to, groups)
+            keep = cp.rounded_keep(size, size - n_pruned, step)
+            return max(0, size - keep)
+
+    _PRUNER = RoundingPruner
+    return _PRUNER
+
+
 def prune_once(model: nn.Module, example: torch.Tensor, info: GraphInfo, *, ratio: float, importance: str,
                global_pruning: bool = False, max_layer_ratio: float = 0.9, round_to: int | None = None,
                internal: bool = True, attention_dims: bool = True) -> dict:
@@ -105,7 +143,7 @@ def prune_once(model: nn.Module, example: torch.Tensor, info: GraphInfo, *, rati
         return {}
     ignored = [model.get_submodule(n) for n in info.ignored]
     was = model.training
-    pruner = tp.pruner.BasePruner(
+    pruner = _pruner_class()(
         model, example, importance=build_importance(importance), global_pruning=global_pruning,
         pruning_ratio=float(ratio), max_pruning_ratio=float(max_layer_ratio), round_to=round_to,
         ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear, *info.pruners.keys()],
@@ -120,7 +158,7 @@ def prune_once(model: nn.Module, example: torch.Tensor, info: GraphInfo, *, rati
         for name, m in model.named_modules():
             p = info.pruners.get(type(m))
             if p is not None and m not in ignored_set and (attention_dims or not p.cuts_attention_dims):
-                cut = p.prune_internal(m, min(float(ratio), float(max_layer_ratio)))
+                cut = p.prune_internal(m, min(float(ratio), float(max_layer_ratio)), multiple=int(round_to or 1))
                 if cut:
                     inner[name] = cut
     return inner
@@ -242,10 +280,12 @@ def _slimming(model: nn.Module, pcfg, finetune: Callable | None, out_dir) -> tup
     return model, {"epochs": int(pcfg.slimming_epochs), "reg": pcfg.slimming_reg, "val": summary(res["best_metrics"])}
 
 
-def effective_round_to(pcfg, methods=()) -> int | None:
-    """``prune.round_to``, made a multiple of 4 when 2:4 sparsity follows (its groups run along
-    input channels)."""
+def effective_round_to(pcfg, methods=(), channel_multiple: int | None = None) -> int | None:
+    """``prune.round_to``, made a multiple of a target's ``channel_multiple`` (its INT8 kernels'
+    channel alignment) and of 4 when 2:4 sparsity follows (its groups run along input channels)."""
     round_to = pcfg.round_to
+    if channel_multiple and int(channel_multiple) > 1:
+        round_to = math.lcm(int(round_to or 1), int(channel_multiple))
     if "semi_structured" in methods:
         round_to = 4 if not round_to else (round_to * 4 // math.gcd(round_to, 4))
     return round_to
@@ -278,7 +318,8 @@ def _step(model: nn.Module, example: torch.Tensor, info: GraphInfo, pcfg, k: int
     return model, r, row
 
 
-def _outcome(model: nn.Module, pcfg, info: GraphInfo, example: torch.Tensor, snap0: dict, prof0: dict) -> dict:
+def _outcome(model: nn.Module, pcfg, info: GraphInfo, example: torch.Tensor, snap0: dict, prof0: dict,
+             round_to: int | None = None) -> dict:
     """What changed overall: channels per layer, what was left whole and why, the budget, the fractions."""
     snap1 = snapshot(model)
     rep: dict = {"channels": {n: v for n, v in channel_table(snap0, snap1, block_names(info)).items()},
@@ -289,6 +330,16 @@ def _outcome(model: nn.Module, pcfg, info: GraphInfo, example: torch.Tensor, sna
         if not rep["budget_met"]:
             rep["budget_note"] = (f"max_layer_ratio={pcfg.max_layer_ratio} (and the layers left whole) stop "
                                   "the search above the MACs target")
+            if round_to:
+                rep["budget_note"] += (f"; channel counts are kept at multiples of {round_to} (at least "
+                                       f"{round_to} per layer), which this model's narrow layers cannot go below")
+    if round_to:
+        # a block's internal split that follows its kept outputs (SCConv's CRU: which outputs fuse with the
+        # squeezed lower channels) cannot be rounded without changing which outputs are kept: say so
+        odd = {n: v for n, v in rep["channels"].items() if v[1] != v[0] and v[1] % int(round_to)}
+        if odd:
+            rep["not_rounded"] = {"layers": odd, "reason": f"channels inside a block that follow its kept outputs; "
+                                                           f"not a multiple of {round_to}"}
     rep["macs_fraction"] = round(prof1["macs"] / max(1, prof0["macs"]), 4)
     rep["params_fraction"] = round(prof1["params"] / max(1, prof0["params"]), 4)
     return rep
@@ -296,7 +347,7 @@ def _outcome(model: nn.Module, pcfg, info: GraphInfo, example: torch.Tensor, sna
 
 def prune_structured(model: nn.Module, pcfg, example: torch.Tensor, *, finetune: Callable | None = None,
                      loaders: dict | None = None, device: str = "cpu", out_dir=None,
-                     methods=None) -> tuple[nn.Module, dict]:
+                     methods=None, channel_multiple: int | None = None) -> tuple[nn.Module, dict]:
     """Channel pruning as ``pcfg`` (the ``prune`` section) says, in ``prune.steps`` steps with
     ``prune.step_epochs`` of fine-tuning (through ``finetune``) between them. ``methods``: every
     method of the run (2:4 sparsity after this step needs channel counts in multiples of 4)."""
@@ -319,9 +370,11 @@ def prune_structured(model: nn.Module, pcfg, example: torch.Tensor, *, finetune:
         raise EdgeusError("prune.importance=taylor needs data (first-order Taylor uses loss gradients)")
     if imp == "bn_scale":
         model, rep["slimming"] = _slimming(model, pcfg, finetune, out_dir)
-    round_to = effective_round_to(pcfg, methods)
+    round_to = effective_round_to(pcfg, methods, channel_multiple)
     if round_to != pcfg.round_to:
         rep["round_to"] = round_to
+    if channel_multiple:
+        rep["channel_multiple"] = int(channel_multiple)
     kw = dict(importance=imp, global_pruning=bool(pcfg.global_pruning), max_layer_ratio=float(pcfg.max_layer_ratio),
               round_to=round_to, attention_dims=bool(pcfg.prune_attention_dims))
     rows = []
@@ -335,5 +388,5 @@ def prune_structured(model: nn.Module, pcfg, example: torch.Tensor, *, finetune:
         rows.append(row)
         log.info("prune step %d/%d: ratio %.3f, MACs %d", k, steps, r, row["macs"])
     rep["steps_detail"] = rows
-    rep.update(_outcome(model, pcfg, info, example, snap0, prof0))
+    rep.update(_outcome(model, pcfg, info, example, snap0, prof0, round_to))
     return model, rep
