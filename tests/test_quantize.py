@@ -579,3 +579,33 @@ def test_compress_rsmas_int8_for_jetson_completes_with_tensorrt_correct_int8(tmp
             consumers.setdefault(i, []).append(n.op_type)
     fed = {c for n in m.graph.node if n.op_type == "DequantizeLinear" for c in consumers.get(n.output[0], [])}
     assert not fed & NORM_INTERNALS and fed <= {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add"}
+
+
+def test_bias_correction_removes_the_mean_shift_of_weight_rounding(tmp_path):
+    """A depth-wise convolution over positive inputs: rounding its 9 weights per channel shifts each output
+    channel's mean; the corrected bias cancels that shift (measured on the calibration images)."""
+    from edgeus.quantize.recovery import bias_correct
+
+    torch.manual_seed(0)
+    dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    with torch.no_grad():
+        dw.weight.copy_(torch.randn(8, 1, 3, 3) * 0.3 + 0.05)
+    torch.onnx.export(dw.eval(), (torch.rand(1, 8, 12, 12),), str(tmp_path / "dw.onnx"), input_names=["input"],
+                      output_names=["out"], opset_version=17, dynamic_axes={"input": {0: "b"}, "out": {0: "b"}},
+                      dynamo=False)
+    x = (np.random.default_rng(0).random((32, 8, 12, 12)) * 2 + 0.5).astype(np.float32)
+    calib = C.CalibrationSet(x, np.zeros(32, np.int64), [str(i) for i in range(32)],
+                             C.CalibrationSpec(num_images=0, batch_size=8), "synthetic")
+    C.compute_ranges(tmp_path / "dw.onnx", calib, tmp_path / "r.json")
+    lay = QDQLayout.from_target(compose([f"target={TRT}"]).target)
+    lay.per_channel = False                           # coarse per-tensor weights: a visible rounding shift
+    lay.layout = "onnxruntime"                        # (not a TensorRT-valid layout; the arithmetic is the point)
+    lay.residual_qdq = False
+    q = Quantiser(tmp_path / "dw.onnx", lay, tmp_path / "r.json", "minmax")
+    q(tmp_path / "q.onnx")
+    corrected, info = bias_correct(tmp_path / "dw.onnx", tmp_path / "q.onnx", calib, tmp_path / "bc.onnx")
+    Quantiser(corrected, lay, tmp_path / "r.json", "minmax")(tmp_path / "qbc.onnx")
+    ref = run_logits(tmp_path / "dw.onnx", x)
+    before = np.abs((run_logits(tmp_path / "q.onnx", x, optimization="disable") - ref).mean((0, 2, 3))).max()
+    after = np.abs((run_logits(tmp_path / "qbc.onnx", x, optimization="disable") - ref).mean((0, 2, 3))).max()
+    assert info["layers"] == 1 and after < 0.5 * before, (before, after)

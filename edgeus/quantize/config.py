@@ -35,6 +35,7 @@ class QuantizeConfig:
     min_agreement: float = 0.99        # tolerance: FP32/INT8 top-1 agreement on every non-test image (train, val, views)
     max_class_flip_rate: float = 0.02  # tolerance: fraction of one class's non-test images whose top-1 flips
     fidelity_views: int = 1            # augmented views of each train image in the fidelity set (0: none)
+    bias_correction: bool = False      # correct each Conv/Gemm bias for its weight-rounding shift (recovery.py)
     fallback: str = "sensitivity"      # sensitivity | none (inc: see README, not usable with onnxruntime here)
     sensitivity: str = "single"        # single (quantise one node at a time) | leave_one_out (exclude one at a time)
     max_fallback_nodes: int = 8        # at most this many nodes kept in floating point

@@ -12,13 +12,19 @@ set (val), the optional QAT setup (:class:`~edgeus.quantize.qat.QATSetup`) — n
 1. ONNX Runtime's ``quant_pre_process`` (shape inference, graph optimisation) on the FP32 model.
 2. Ranges computed once on the calibration set (min-max / entropy / percentile); the file list and
    hash of the set are written next to the output.
-3. Q/DQ for the target's layout.
-4. FP32 vs INT8 on the evaluation set (val): accuracy and every class's recall against
-   ``max_accuracy_drop`` / ``max_recall_drop``.
+3. Q/DQ for the target's layout (TensorRT: weighted-op inputs and residual-add skips only,
+   :mod:`edgeus.quantize.placement`; CPU: the layout the target's ISA needs, :mod:`edgeus.quantize.isa`);
+   optionally bias correction of the weight rounding (``bias_correction``, :mod:`edgeus.quantize.recovery`).
+4. FP32 vs INT8, measured the way the target computes (:func:`edgeus.quantize.isa.evaluation_plan`):
+   accuracy and every class's recall on the evaluation set (val) against ``max_accuracy_drop`` /
+   ``max_recall_drop``, and top-1 agreement / flips per class on every non-test image (the fidelity
+   set) against ``min_agreement`` / ``max_class_flip_rate``.
 5. Outside tolerance: sensitivity fallback (:mod:`edgeus.quantize.fallback`); still outside and
-   ``qat`` is auto/true with a QAT setup given: QAT (:mod:`edgeus.quantize.qat`).
-6. A TensorRT-bound model is checked with :func:`check_tensorrt_qdq`; a TensorRT calibration cache
-   is written for implicit-quantisation users.
+   ``qat`` is auto/true with a QAT setup given: QAT (:mod:`edgeus.quantize.qat`). Both are recovery
+   of last resort: the report says which one (``method``: ptq | ptq+fallback | qat).
+6. A TensorRT-bound model is checked with :func:`check_tensorrt_qdq` (including the placement
+   rules); a TensorRT calibration cache is written for implicit-quantisation users. The host and
+   target ISA go into the report and the model's ``edgeus.quantization`` metadata.
 
 The INT8 model is written under a temporary name beside ``out_path`` and renamed at the very end,
 so a failed quantise leaves nothing under the final name.
@@ -224,6 +230,13 @@ def _quantize(fp32_onnx: Path, out_path: Path, tmp: Path, qcfg, layout, calib, e
     cal = calibrate(pre, calib, layout, qcfg, work)
     quantiser = fb.Quantiser(pre, layout, cal["ranges_json"], calib.spec.method)
     quantiser(tmp)
+    bias_corr = None
+    if bool(getattr(qcfg, "bias_correction", False)):
+        from edgeus.quantize.recovery import bias_correct
+
+        corrected, bias_corr = bias_correct(pre, tmp, calib, work / "fp32.biascorr.onnx")
+        quantiser = fb.Quantiser(corrected, layout, cal["ranges_json"], calib.spec.method)
+        quantiser(tmp)
 
     classes = list(ev.classes)
     judge = Judge(fp32_onnx, ev, fid, qcfg, plan["optimization"])
@@ -239,7 +252,7 @@ def _quantize(fp32_onnx: Path, out_path: Path, tmp: Path, qcfg, layout, calib, e
         "eval_split": ev.name,
         "metrics": {"fp32": brief(fp32_m), "int8_ptq": _brief(full_m)},
         "tolerance": judge.tolerance(),
-        "ptq_check": chk, "fallback": None, "qat": None, "excluded_nodes": [],
+        "ptq_check": chk, "bias_correction": bias_corr, "fallback": None, "qat": None, "excluded_nodes": [],
     }
     final_m, final_chk, method_used = full_m, chk, "ptq"
 
