@@ -122,7 +122,11 @@ def budget_ranks(layers: list[Layer], cfg, budget: int) -> tuple[dict[str, tuple
     total = int(sum(int(o.macs[0]) for o in opts.values()))
     floor = int(sum(int(o.macs.min()) for o in opts.values()))
     info = {"layer_budget": int(budget), "layers_macs_before": total, "layers_min_macs": floor}
-    if floor > budget:
+    if not opts and budget < 0:
+        log.warning("decompose: the budget cannot be met: no layer can be decomposed at the allowed ranks "
+                    "(a target's channel multiple or decompose.min_channels leaves every layer whole)")
+        info["feasible"] = False
+    elif floor > budget:
         log.warning("decompose: the budget cannot be met: the decomposable layers need at least %d MACs, "
                     "%d allowed", floor, budget)
         for n, o in opts.items():
