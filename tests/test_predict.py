@@ -196,3 +196,24 @@ def test_threads_plan_on_a_busy_machine():
 
     code = ("import sys, edgeus.threads as t; t.configure(); print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_view_without_pyside6_says_how_to_install(tiny_run, monkeypatch, capsys):
+    """`edgeus view` without the [app] extra: exit 6 (optional dependency missing) and the pip line."""
+    import sys
+
+    from edgeus.cli import main
+
+    monkeypatch.setitem(sys.modules, "PySide6", None)      # import PySide6 -> ImportError
+    assert main(["view", str(tiny_run)]) == 6
+    assert "pip install 'edgeus[app]'" in capsys.readouterr().err
+
+
+def test_help_of_predict_and_view(capsys):
+    from edgeus.cli import main
+
+    assert main(["predict", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--cam" in out and "--json" in out
+    assert main(["view", "--help"]) == 0
+    assert "[app]" in capsys.readouterr().out
