@@ -184,3 +184,20 @@ def test_md_to_html_tables_lists_links():
     assert '<ul class="warn"><li><b>Gate failed</b> — x</li></ul>' in h
     assert "<table><tr><th>a</th><th>b</th></tr><tr><td>1</td><td><code>c</code></td></tr></table>" in h
     assert '<a href="x.csv"><code>x.csv</code></a>' in h
+
+
+def test_robustness_collapse_is_named():
+    """A model that calls everything malignant under shadow is named, not hidden behind its accuracy."""
+    from edgeus.pipeline.robustness import collapses, fragility
+
+    def pt(s, acc, rec):
+        return {"strength": s, "accuracy": acc, "macro_f1": 0.2, "recall": rec}
+
+    ok = {"normal": 0.9, "benign": 0.8, "malignant": 0.9}
+    mal = {"normal": 0.0, "benign": 0.05, "malignant": 1.0}
+    rob = {"teacher": {"clean": {"accuracy": 0.9, "recall": ok}, "shadow": [pt(0.5, 0.85, ok), pt(1.0, 0.33, mal)]},
+           "student": {"clean": {"accuracy": 0.9, "recall": ok}, "shadow": [pt(0.5, 0.33, mal), pt(1.0, 0.33, mal)]}}
+    found = collapses(rob)
+    assert [(c["model"], c["strength"], c["class"]) for c in found] == [
+        ("teacher", 1.0, "malignant"), ("student", 0.5, "malignant"), ("student", 1.0, "malignant")]
+    assert fragility(rob, "teacher", "student")["collapses"] == found

@@ -857,13 +857,6 @@ def _saliency_sections(run_dir, state, pred, classes, figs, images, seed, max_im
     return sec, gal, sal
 
 
-def _collapsed(recall: dict) -> str | None:
-    """The class a model calls (nearly) everything, judged from per-class recall."""
-    hi = [c for c, v in recall.items() if v is not None and v >= 0.95]
-    lo = [c for c, v in recall.items() if v is not None and v <= 0.1]
-    return hi[0] if len(hi) == 1 and len(lo) == len(recall) - 1 else None
-
-
 def _robustness_section(rob, classes, figs, images, pred, cfg) -> list[str]:
     s = rob.get("summary", {})
     sec = [f"Mean accuracy change under corruption (corrupted − clean, over every kind and strength): teacher "
@@ -871,18 +864,19 @@ def _robustness_section(rob, classes, figs, images, pred, cfg) -> list[str]:
            + ("**made the model more fragile** (student loses over 2 points more)." if s.get("more_fragile") else
               "did not make it more fragile (within 2 points)."), ""]
     kinds = [k for k in rob["teacher"] if k != "clean"]
+    from edgeus.pipeline.robustness import collapses
+
+    found = collapses({k: rob[k] for k in ("teacher", "student") if k in rob})
     collapse = []
     for name in ("teacher", "student"):
-        where, onto = [], set()
-        for k in kinds:
-            hit = [(p["strength"], _collapsed(p.get("recall") or {})) for p in rob[name][k]]
-            hit = [(st, c) for st, c in hit if c]
-            if hit:
-                where.append(f"{k} {', '.join(f'{st:g}' for st, _ in hit)}")
-                onto |= {c for _, c in hit}
-        if where:
-            collapse.append(f"the {name} calls nearly every image {' / '.join(sorted(onto))} under "
-                            + "; ".join(where))
+        mine = [c for c in found if c["model"] == name]
+        if mine:
+            by_kind: dict = {}
+            for c in mine:
+                by_kind.setdefault(c["corruption"], []).append(f"{c['strength']:g}")
+            onto = sorted({c["class"] for c in mine})
+            collapse.append(f"the {name} calls nearly every image {' / '.join(onto)} under "
+                            + "; ".join(f"{k} {', '.join(v)}" for k, v in by_kind.items()))
     if collapse:
         sec += ["**Collapse**: " + "; ".join(collapse) + " (strengths listed). Its accuracy there is that class's "
                 "share of the test split, not skill.", ""]

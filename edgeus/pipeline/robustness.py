@@ -102,11 +102,38 @@ def evaluate_robustness(models: dict, loader, classes, preprocessing, corruption
     return out
 
 
+def collapsed_class(recall: dict, hi: float = 0.95, lo: float = 0.1) -> str | None:
+    """The class a model calls (nearly) every image, judged from per-class recall: one class found
+    (recall >= ``hi``) and every other missed (recall <= ``lo``); None otherwise."""
+    found = [c for c, v in recall.items() if v is not None and v >= hi]
+    missed = [c for c, v in recall.items() if v is not None and v <= lo]
+    return found[0] if len(found) == 1 and len(missed) == len(recall) - 1 else None
+
+
+def collapses(rob: dict) -> list[dict]:
+    """Every (model, corruption, strength) under which the model calls nearly everything one class:
+    its accuracy there is that class's share of the split, not skill."""
+    out = []
+    for name, res in rob.items():
+        if not isinstance(res, dict) or "clean" not in res:
+            continue
+        for kind, pts in res.items():
+            if kind == "clean":
+                continue
+            for p in pts:
+                c = collapsed_class(p.get("recall") or {})
+                if c:
+                    out.append({"model": name, "corruption": kind, "strength": p["strength"], "class": c})
+    return out
+
+
 def fragility(rob: dict, teacher: str, student: str) -> dict:
-    """Mean accuracy lost under corruption (clean minus corrupted), teacher vs student."""
+    """Mean accuracy lost under corruption (clean minus corrupted), teacher vs student, and every
+    corruption under which a model collapses onto one class."""
     def mean_drop(name):
         clean = rob[name]["clean"]["accuracy"]
         drops = [clean - r["accuracy"] for k, v in rob[name].items() if k != "clean" for r in v]
         return float(np.mean(drops)) if drops else 0.0
     t, s = mean_drop(teacher), mean_drop(student)
-    return {"teacher_mean_drop": t, "student_mean_drop": s, "more_fragile": bool(s > t + 0.02)}
+    return {"teacher_mean_drop": t, "student_mean_drop": s, "more_fragile": bool(s > t + 0.02),
+            "collapses": collapses({teacher: rob[teacher], student: rob[student]})}
