@@ -284,3 +284,72 @@ def test_mobilenetv2_with_ca_keeps_torchvision_keys(tmp_path):
     assert any(k.startswith("features.2.attention") for k in report["rebuilt_not_loaded"])
     with pytest.raises(ValueError, match="attention"):
         create_model("dsc_sta", width=0.25, attention="cbam")
+
+
+# --- 3. CP decomposition beside Tucker-2 -----------------------------------------------------------------
+
+def test_cp_recovers_an_exact_low_rank_kernel_and_runs_like_the_conv():
+    from edgeus.decompose.cp import cp_decompose
+
+    g = torch.Generator().manual_seed(0)
+    r = 5
+    A, B, C, D = (torch.randn(n, r, generator=g, dtype=torch.float64) for n in (12, 10, 3, 3))
+    W = torch.einsum("or,ir,hr,wr->oihw", A, B, C, D)
+    conv = nn.Conv2d(10, 12, 3, stride=2, padding=2, dilation=2, bias=True).double()
+    with torch.no_grad():
+        conv.weight.copy_(W)
+    seq, info = cp_decompose(conv, r, iters=200)
+    assert info["ranks"] == [r] and info["rel_error"] < 1e-4
+    assert [tuple(m.weight.shape) for m in seq] == [(r, 10, 1, 1), (r, 1, 3, 1), (r, 1, 1, 3), (12, r, 1, 1)]
+    x = torch.randn(2, 10, 13, 11, dtype=torch.float64)
+    torch.testing.assert_close(seq(x), conv(x), atol=1e-6, rtol=1e-4)
+
+
+def test_cp_macs_formula_matches_the_counter():
+    from edgeus.decompose.cp import cp_macs, cp_rank_for_macs, cp_skeleton
+    from edgeus.models.profile import count_macs
+
+    conv = nn.Conv2d(16, 24, (3, 5), stride=(2, 1), padding=(1, 2), bias=True)
+    seq = cp_skeleton(conv, 7)
+    x = torch.randn(1, 16, 15, 12)
+    out = conv(x)
+    assert seq(x).shape == out.shape
+    assert count_macs(seq, example=x) == cp_macs(16, 24, 7, (3, 5), (15, 12), tuple(out.shape[2:]), bias=True)
+    budget = cp_macs(16, 24, 7, (3, 5), (15, 12), tuple(out.shape[2:]), bias=True)
+    assert cp_rank_for_macs(16, 24, (3, 5), (15, 12), tuple(out.shape[2:]), budget, bias=True) == 7
+    assert cp_rank_for_macs(16, 24, (3, 5), (15, 12), tuple(out.shape[2:]), budget - 1, bias=True) == 6
+
+
+@pytest.mark.parametrize("mode", ["ratio", "budget"])
+def test_decompose_method_cp_at_the_macs_of_tucker2(mode, tmp_path):
+    from edgeus.decompose import decompose_model
+    from edgeus.errors import EdgeusError
+
+    torch.manual_seed(0)
+    model = create_model("dsc_sta", num_classes=3, width=0.5).eval()
+    out = {}
+    for method in ("hooi", "cp"):
+        cfg = make_cfg(f"decompose.method={method}", f"decompose.rank_mode={mode}", "decompose.finetune_epochs=0",
+                       "decompose.ratio=0.5", "decompose.target_macs=0.6", "decompose.cp_iters=10")
+        out[method] = decompose_model(model, cfg.decompose, image_size=SIZE, in_chans=1)
+    (dm, rep), (_, tuck) = out["cp"], out["hooi"]
+    kinds = {e["type"] for e in rep["layers"]}
+    assert "cp" in kinds and "tucker2" not in kinds
+    assert rep["macs_after"] == rep["macs_formula"]                 # the formula is the counter's
+    assert rep["macs_after"] <= tuck["macs_after"]                  # CP at (at most) the Tucker-2 MACs
+    if mode == "budget":
+        assert rep["budget"]["met"]
+    cp_layers = {e["name"]: e for e in rep["layers"] if e["type"] == "cp"}
+    tk_layers = {e["name"]: e for e in tuck["layers"] if e["type"] == "tucker2"}
+    assert set(cp_layers) <= set(tk_layers)
+    for name, e in cp_layers.items():
+        assert e["macs_after"] <= tk_layers[name]["macs_after"] and 0 <= e["rel_error"] < 1.0
+    rec = dm.edgeus_transforms[-1]
+    assert rec["kind"] == "decompose" and rec["method"] == "cp"
+    x = torch.randn(2, 1, SIZE, SIZE)
+    assert _export_parity(dm, x) < 1e-4
+    again = _roundtrip(dm, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), dm.eval()(x))
+    with pytest.raises(EdgeusError, match="cp"):
+        decompose_model(model, make_cfg("decompose.method=parafac").decompose, image_size=SIZE, in_chans=1)

@@ -6,6 +6,7 @@ model's transforms, with ``spec`` one of::
     {"type": "tucker2", "ranks": [R_out, R_in], "first": bool, "last": bool}
     {"type": "svd_conv", "ranks": [R]}
     {"type": "svd_linear", "ranks": [R]}
+    {"type": "cp", "ranks": [R], "tucker_ranks": [R_out, R_in]}     (decompose.method=cp)
 
 Loading a checkpoint replays it (:func:`restore`): each named layer is swapped for an empty
 replacement of the same shapes, and the state dict then fills the weights.
@@ -41,6 +42,12 @@ def skeleton(module: nn.Module, spec: dict) -> nn.Sequential:
             raise TypeError(f"a tucker2 record needs an nn.Conv2d, found {type(module).__name__}")
         return tucker2_skeleton(module, ranks[0], ranks[1], first=bool(spec.get("first", True)),
                                 last=bool(spec.get("last", True)))
+    if kind == "cp":
+        from edgeus.decompose.cp import cp_skeleton
+
+        if type(module) is not nn.Conv2d:
+            raise TypeError(f"a cp record needs an nn.Conv2d, found {type(module).__name__}")
+        return cp_skeleton(module, ranks[0])
     if kind == "svd_conv":
         if type(module) is not nn.Conv2d:
             raise TypeError(f"an svd_conv record needs an nn.Conv2d, found {type(module).__name__}")
