@@ -360,3 +360,39 @@ def test_rounding_respects_grouped_and_depthwise_convolutions():
 def test_gpu_targets_state_their_channel_multiple():
     for name, want in (("jetson_orin_nano", 32), ("desktop_ampere", 32), ("cpu", None)):
         assert make_cfg(f"target={name}").target.channel_multiple == want
+
+
+def test_a_cut_a_block_cannot_take_is_refused_before_it_is_made():
+    """issue 21.8: at model.width=0.125 the flagship prune stopped with a traceback when SCConv would lose
+    every reused lower channel. The block refuses before cutting anything; the MACs search steps below
+    such a ratio, and a fixed ratio that hits it is a one-line error."""
+    from edgeus.errors import EdgeusError
+    from edgeus.models.rsmas import SCConv
+    from edgeus.prune import structured as S
+    from edgeus.prune.custom_pruners import BlockCutError
+
+    blk = SCConv(32, gn_groups=8).eval()
+    low = blk.cru.low_squeezed
+    before = {k: v.clone() for k, v in blk.state_dict().items()}
+    with pytest.raises(BlockCutError, match="every reused lower channel"):
+        SCConvPruner().prune_out_channels(blk, list(range(32 - low, 32)))
+    assert all(torch.equal(v, before[k]) for k, v in blk.state_dict().items())
+
+    torch.manual_seed(0)
+    model = create_model("resnet50", num_classes=3, width=0.125).eval()
+    real = S.prune_once
+
+    def refuse_deep(m, example, info, *, ratio, **kw):   # as if some block could not take cuts above 0.5
+        if ratio > 0.5:
+            raise BlockCutError("stand-in block refuses")
+        return real(m, example, info, ratio=ratio, **kw)
+
+    import unittest.mock as um
+
+    with um.patch.object(S, "prune_once", refuse_deep):
+        _, rep = _prune(model, make_cfg(*OWN, "prune.target_macs=0.5"))
+        assert rep["structured"]["budget_met"] and rep["structured"]["steps_detail"][0]["ratio"] <= 0.5
+        _, rep = _prune(model, make_cfg(*OWN, "prune.target_macs=0.05"))
+        assert not rep["structured"]["budget_met"] and rep["structured"]["steps_detail"][0]["ratio"] <= 0.5
+        with pytest.raises(EdgeusError, match=r"prune.ratio=0.7 cannot be cut at step 1: stand-in block refuses"):
+            _prune(model, make_cfg(*OWN, "prune.ratio=0.7"))

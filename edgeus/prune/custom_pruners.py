@@ -24,6 +24,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch_pruning as tp
 
+class BlockCutError(ValueError):
+    """A block cannot take this cut (it would lose every channel of a kind it needs): the ratio is too deep."""
+
+
 # (module path, class name) -> pruner class
 _BLOCK_PRUNERS: dict[tuple[str, str], type] = {}
 
@@ -318,15 +322,16 @@ class SCConvPruner(BlockPruner):
         cru = layer.cru
         c_out = cru.gwc.out_channels
         keep = keep_from(c_out, idxs)
-        conv_keep_out(cru.gwc, keep)
-        conv_keep_out(cru.pwc1, keep)
         head = c_out - cru.low_squeezed      # outputs fused with pwc2
         keep_pwc2 = [k for k in keep if k < head]
         keep_low_sq = [k - head for k in keep if k >= head]
+        if not keep_low_sq:                  # checked before anything is cut: the block stays intact
+            raise BlockCutError("SCConv output pruning would remove every reused lower channel "
+                                "(its CRU needs at least one)")
+        conv_keep_out(cru.gwc, keep)
+        conv_keep_out(cru.pwc1, keep)
         conv_keep_out(cru.pwc2, keep_pwc2)
         if len(keep_low_sq) != cru.low_squeezed:
-            if not keep_low_sq:
-                raise ValueError("SCConv output pruning would remove every reused lower channel")
             conv_keep_out(cru.squeeze2, keep_low_sq)
             conv_keep_in(cru.pwc2, keep_low_sq)
             cru.low_squeezed = len(keep_low_sq)

@@ -178,30 +178,49 @@ def search_ratio(model: nn.Module, example: torch.Tensor, info: GraphInfo, targe
 
     Returns ``(pruned_copy, ratio, macs, internal_cuts, met)``; ``met`` is False when even the
     largest ratio allowed (``max_layer_ratio``) stays above the target (the copy at that ratio is
-    returned).
+    returned). A ratio at which a block cannot be cut (:class:`~edgeus.prune.custom_pruners.BlockCutError`,
+    e.g. SCConv would lose every reused lower channel) counts as too deep: the search moves below it,
+    and when no ratio that can be cut meets the target, the deepest one that can is returned (not met).
     """
     hi = float(kw.get("max_layer_ratio", 0.9))
     lo = 0.0
     best = None
+    deepest = None          # the deepest ratio that could be cut, while above the target
 
     def trial(r):
         c = _copy_with_grads(model)
-        inner = prune_once(c, example, info, ratio=r, **kw)
+        try:
+            inner = prune_once(c, example, info, ratio=r, **kw)
+        except cp.BlockCutError as e:
+            log.info("prune: ratio %.4f cannot be cut (%s); trying less", r, e)
+            return None
         return c, count_macs(c, example), inner
 
-    c, macs, inner = trial(hi)
-    if macs > target_macs:
-        return c, hi, macs, inner, False
-    best = (c, hi, macs, inner)
+    first = trial(hi)
+    if first is not None:
+        c, macs, inner = first
+        if macs > target_macs:
+            return c, hi, macs, inner, False
+        best = (c, hi, macs, inner)
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
-        c, macs, inner = trial(mid)
+        res = trial(mid)
+        if res is None:
+            hi = mid
+            continue
+        c, macs, inner = res
         if macs <= target_macs:
             hi, best = mid, (c, mid, macs, inner)
             if macs >= target_macs * (1 - tolerance):
                 break
         else:
-            lo = mid
+            lo, deepest = mid, (c, mid, macs, inner)
+    if best is None:
+        if deepest is None:
+            raise EdgeusError(f"no channel ratio up to {float(kw.get('max_layer_ratio', 0.9))} can be cut: "
+                              "a block would lose every channel of a kind it needs; lower prune.max_layer_ratio")
+        c, r, macs, inner = deepest
+        return c, r, macs, inner, False
     c, r, macs, inner = best
     return c, r, macs, inner, True
 
@@ -309,7 +328,11 @@ def _step(model: nn.Module, example: torch.Tensor, info: GraphInfo, pcfg, k: int
         keep_prev = 1.0 - float(pcfg.ratio) * (k - 1) / steps
         keep_k = 1.0 - float(pcfg.ratio) * k / steps
         r = 1.0 - keep_k / keep_prev
-        inner = prune_once(model, example, info, ratio=r, **kw)
+        try:
+            inner = prune_once(model, example, info, ratio=r, **kw)
+        except cp.BlockCutError as e:
+            raise EdgeusError(f"prune.ratio={pcfg.ratio} cannot be cut at step {k}: {e}; lower prune.ratio or "
+                              "prune.max_layer_ratio, or give prune.target_macs (its search steps around it)") from None
     model.zero_grad(set_to_none=True)
     changes = diff(before, snapshot(model))
     record_transform(model, {"kind": "prune", "method": "structured", "step": k, "modules": changes})
