@@ -25,7 +25,6 @@ Saliency inside the lesion (images with a lesion mask only):
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -406,10 +405,6 @@ def saliency_agreement(teacher, student, images01: np.ndarray, x: np.ndarray, ma
     out["cam_correlation"] = float(np.mean(corr)) if corr else None
     out["cams"] = cams     # [N, H, W] per model (not JSON: callers drop it before saving)
     return out
-
-
-def nan_to_none(v):
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
 
 
 __all__ = ["Model", "open_model", "torch_pair", "find_run", "list_images", "load_image", "find_mask", "cam_layer",

@@ -687,7 +687,6 @@ def write_report(run_dir: str | Path, bundle=None) -> dict:
     else:
         sec += ["No gate was evaluated in this run.", ""]
     if qrep is not None:
-        fc = qrep.get("final_check") or {}
         missed = qrep.get("within_tolerance") is False
         sec += [f"**INT8 tolerance** (the quantize stage, INT8 against its own FP32 model on the "
                 f"{qrep.get('eval_split', 'evaluation')} split, method {qrep.get('method', '?')}): "
