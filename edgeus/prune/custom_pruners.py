@@ -413,7 +413,3 @@ class MDTAPruner(BlockPruner):
         dwconv_keep(layer.qkv_dwconv, keep3)
         conv_keep_in(layer.project_out, keep_q)
         return {"attention_dim": [d, len(keep_q)], "num_heads": h}
-
-
-# the seed review's Ghost module has its pruner in its own file (issue 20.6); importing it registers it
-from edgeus.prune import seed_pruners as _seed_pruners  # noqa: E402,F401

@@ -11,7 +11,8 @@ groups (``get_out_channel_groups = 2``), so the graph removes ``j`` and ``j + C/
 ``CoordinateAttention`` needs no pruner: its gates are element-wise and the graph follows it (its
 hidden ``mip`` channels are pruned like any conv's).
 
-Imported by :mod:`edgeus.prune.custom_pruners` (its last line), which owns the registry.
+Imported (for its registration) by :mod:`edgeus.prune.structured`, the registry's user; the registry
+itself is in :mod:`edgeus.prune.custom_pruners`, which this module imports (one direction: no cycle).
 """
 from __future__ import annotations
 

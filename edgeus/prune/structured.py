@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from edgeus.errors import EdgeusError
 from edgeus.prune import custom_pruners as cp
+from edgeus.prune import seed_pruners  # noqa: F401  (registers the Ghost module's pruner; custom_pruners holds the registry)
 from edgeus.prune.common import count_macs, parse_methods, profile, run_finetune, summary
 from edgeus.prune.importance import build_importance
 from edgeus.prune.structure import diff, snapshot
