@@ -1,4 +1,4 @@
-"""Clinical evaluation: accuracy, per-class precision/recall/F1, macro-F1, one-vs-rest AUC,
+"""Clinical evaluation: accuracy, per-class precision/recall/F1, macro-F1, one-vs-rest AUC and PR-AP,
 confusion matrix and expected calibration error — for torch models, ONNX files and TensorRT engines.
 
 Per-class recall is first-class: the compress gates compare a student with its teacher on it.
@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from edgeus.curves import average_precision
 
 
 def _auc_binary(y: np.ndarray, score: np.ndarray) -> float | None:
@@ -60,6 +62,8 @@ def compute_metrics(labels, probs, classes, ece_bins: int = 15) -> dict:
         f1s.append(f)
     aucs = {c: _auc_binary((labels == i).astype(int), probs[:, i]) for i, c in enumerate(classes)}
     valid = [a for a in aucs.values() if a is not None]
+    aps = {c: average_precision((labels == i).astype(int), probs[:, i]) for i, c in enumerate(classes)}  # PR-AP
+    valid_ap = [a for a in aps.values() if a is not None]
     return {
         "n": int(len(labels)),
         "accuracy": float((pred == labels).mean()) if len(labels) else 0.0,
@@ -68,6 +72,8 @@ def compute_metrics(labels, probs, classes, ece_bins: int = 15) -> dict:
         "per_class": per_class,
         "auc": float(np.mean(valid)) if valid else None,
         "auc_per_class": aucs,
+        "ap": float(np.mean(valid_ap)) if valid_ap else None,
+        "ap_per_class": aps,
         "ece": expected_calibration_error(labels, probs, ece_bins) if len(labels) else 0.0,
         "confusion": cm.tolist(),
         "classes": list(classes),

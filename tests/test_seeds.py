@@ -353,3 +353,51 @@ def test_decompose_method_cp_at_the_macs_of_tucker2(mode, tmp_path):
         torch.testing.assert_close(again(x), dm.eval()(x))
     with pytest.raises(EdgeusError, match="cp"):
         decompose_model(model, make_cfg("decompose.method=parafac").decompose, image_size=SIZE, in_chans=1)
+
+
+# --- 4. seed metrics: per-class precision / recall / F1, ROC-AUC, PR-AP, curves -------------------------------
+
+def test_average_precision_and_curves_match_the_textbook_example():
+    from edgeus.curves import average_precision, pr_curve, roc_curve
+
+    y, s = [0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]          # scikit-learn's documented example
+    assert average_precision(y, s) == pytest.approx(0.8333333333)
+    roc = roc_curve(y, s)
+    assert roc["fpr"] == [0.0, 0.0, 0.5, 0.5, 1.0] and roc["tpr"] == [0.0, 0.5, 0.5, 1.0, 1.0]
+    assert roc["thresholds"] == [None, 0.8, 0.4, 0.35, 0.1]
+    pr = pr_curve(y, s)
+    assert pr["recall"] == [0.5, 0.5, 1.0, 1.0, 0.0]
+    assert pr["precision"] == pytest.approx([1.0, 0.5, 2 / 3, 0.5, 1.0])
+    json.dumps(roc), json.dumps(pr)                           # no inf: the report stores them as JSON
+    # ties form one threshold; a perfect ranking has AP 1; no positives -> None
+    assert roc_curve([0, 1, 1], [0.5, 0.5, 0.5])["fpr"] == [0.0, 1.0]
+    assert average_precision([0, 1, 1, 0], [0.1, 0.9, 0.8, 0.2]) == 1.0
+    assert average_precision([0, 0], [0.3, 0.4]) is None
+
+
+def test_compute_metrics_reports_pr_ap_per_class_and_class_curves_agree():
+    from edgeus.curves import class_curves
+    from edgeus.evaluate import compute_metrics
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 200)
+    logits = rng.normal(size=(200, 3)) + 1.5 * np.eye(3)[labels]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    classes = ["benign", "malignant", "normal"]
+    m = compute_metrics(labels, probs, classes)
+    assert set(m["ap_per_class"]) == set(classes)
+    assert m["ap"] == pytest.approx(np.mean(list(m["ap_per_class"].values())))
+    for c in classes:
+        pc = m["per_class"][c]
+        assert {"precision", "recall", "f1", "support"} <= set(pc)
+    curves = class_curves(labels, probs, classes)
+    for c in classes:
+        assert curves[c]["ap"] == pytest.approx(m["ap_per_class"][c])
+        assert curves[c]["auc"] == pytest.approx(m["auc_per_class"][c])       # trapezoid = rank statistic
+        assert curves[c]["positives"] == m["per_class"][c]["support"]
+        r = curves[c]["roc"]
+        assert r["fpr"][0] == 0.0 and r["fpr"][-1] == 1.0 and r["tpr"][-1] == 1.0
+        assert all(a <= b for a, b in zip(r["fpr"], r["fpr"][1:]))
+    # AP for one class is the area under its step PR curve, and above the class prior
+    assert all(curves[c]["ap"] > curves[c]["positives"] / 200 for c in classes)
+    json.dumps(curves)
