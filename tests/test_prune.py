@@ -396,3 +396,15 @@ def test_a_cut_a_block_cannot_take_is_refused_before_it_is_made():
         assert not rep["structured"]["budget_met"] and rep["structured"]["steps_detail"][0]["ratio"] <= 0.5
         with pytest.raises(EdgeusError, match=r"prune.ratio=0.7 cannot be cut at step 1: stand-in block refuses"):
             _prune(model, make_cfg(*OWN, "prune.ratio=0.7"))
+
+
+def test_use_teacher_false_fine_tunes_with_plain_cross_entropy():
+    from edgeus.data import build_datasets
+    from edgeus.finetune import make_finetuner
+
+    cfg = make_cfg(*OWN, "prune.ratio=0.3", "prune.finetune_epochs=1", "prune.use_teacher=false",
+                   "train.max_steps_per_epoch=1")
+    torch.manual_seed(0)
+    model = create_model("simple_cnn", num_classes=3, width=0.25).eval()
+    _, rep = _prune(model, cfg, finetune=make_finetuner(cfg, build_datasets(cfg.data), teacher=model))
+    assert rep["structured"]["finetune"]["epochs"] == 1 and rep["structured"]["finetune"]["with_teacher"] is False

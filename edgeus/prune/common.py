@@ -63,7 +63,8 @@ def run_finetune(model: nn.Module, finetune: Callable | None, epochs: int, out_d
     if finetune is None:
         return model, {"epochs": 0, "skipped": "no data given (finetune=None)"}
     sub = Path(out_dir) / desc if out_dir else None
-    model, res = finetune(model, epochs=int(epochs), out_dir=sub, desc=desc, lr=lr, use_teacher=use_teacher)
+    extra = {} if use_teacher else {"use_teacher": False}   # the contract's keywords, plus this one only when needed
+    model, res = finetune(model, epochs=int(epochs), out_dir=sub, desc=desc, lr=lr, **extra)
     model.to("cpu")
-    return model, {"epochs": int(epochs), "with_teacher": bool(res["with_teacher"]), "best_epoch": res["best_epoch"],
-                   "val": summary(res["best_metrics"])}
+    return model, {"epochs": int(epochs), "with_teacher": bool(res.get("with_teacher")), "best_epoch": res.get("best_epoch"),
+                   "val": summary(res.get("best_metrics"))}
