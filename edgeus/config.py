@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    name: str = "phantom"            # phantom | busi | tmed2 | folder
+    name: str = "phantom"            # phantom | busi | tmed2 | folder | camus
     root: Optional[str] = None       # folder with the images (not needed for phantom)
     image_size: int = 64
     in_chans: int = 1                # 1 = grayscale, 3 = grayscale repeated to RGB
@@ -164,7 +164,7 @@ class EdgeusConfig:
 
 
 GROUP_KEYS = ("recipe", "data", "target", "profile")
-DATASETS = ("phantom", "busi", "tmed2", "folder")
+DATASETS = ("phantom", "busi", "tmed2", "folder", "camus")
 
 
 def _all_keys(cfg: DictConfig, prefix: str = "") -> list[str]:

@@ -401,3 +401,110 @@ def test_compute_metrics_reports_pr_ap_per_class_and_class_curves_agree():
     # AP for one class is the area under its step PR curve, and above the class prior
     assert all(curves[c]["ap"] > curves[c]["positives"] / 200 for c in classes)
     json.dumps(curves)
+
+
+# --- 5. CAMUS views ---------------------------------------------------------------------------------------------
+
+QUALITY = ["Good", "Medium", "Poor"]
+
+
+def _frame(view: str, phase: str, rng, h: int = 40, w: int = 48) -> tuple[np.ndarray, np.ndarray]:
+    """A toy apical view [rows, cols] (uint8) and its labels (1 LV, 2 myocardium, 3 atrium): the 2CH view
+    shows one ventricle, the 4CH view two side by side; ES ventricles are smaller."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    lab = np.zeros((h, w), np.uint8)
+    r = 7 if phase == "ED" else 5
+    centres = [(16, 24)] if view == "2CH" else [(16, 15), (16, 33)]
+    for cy, cx in centres:
+        d = ((yy - cy) / (1.6 * r)) ** 2 + ((xx - cx) / r) ** 2
+        lab[(d > 1) & (d <= 1.8)] = 2
+        lab[d <= 1] = 1
+        lab[((yy - 32) / 4) ** 2 + ((xx - cx) / 4) ** 2 <= 1] = 3
+    img = 30 + 150 * (lab == 2) + 60 * (lab == 3) + rng.normal(0, 12, (h, w))
+    img[:3] = 255                     # a bright band at the top of the image (rows): orientation check
+    return np.clip(img, 0, 255).astype(np.uint8), lab
+
+
+def make_camus_tree(root: Path, n_patients: int = 10, seed: int = 0, missing_gt=()) -> Path:
+    """The challenge's NIfTI layout, frames stored (width, height) as CAMUS stores them."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(seed)
+    for p in range(1, n_patients + 1):
+        pid = f"patient{p:04d}"
+        d = root / "training" / pid
+        d.mkdir(parents=True)
+        for view in ("2CH", "4CH"):
+            (d / f"Info_{view}.cfg").write_text(
+                f"ED: 1\nES: 12\nNbFrame: 12\nSex: F\nAge: {40 + p}\nImageQuality: {QUALITY[p % 3]}\nEF: 55.0\n"
+                "FrameRate: 25.0\n")
+            for phase in ("ED", "ES"):
+                img, lab = _frame(view, phase, rng)
+                nib.save(nib.Nifti1Image(img.T.copy(), np.eye(4)), d / f"{pid}_{view}_{phase}.nii.gz")
+                if (pid, view, phase) not in missing_gt:
+                    nib.save(nib.Nifti1Image(lab.T.copy(), np.eye(4)), d / f"{pid}_{view}_{phase}_gt.nii.gz")
+            # the half sequence is there too, and ignored
+            nib.save(nib.Nifti1Image(np.zeros((48, 40, 3), np.uint8), np.eye(4)), d / f"{pid}_{view}_half_sequence.nii.gz")
+    return root
+
+
+def test_camus_reader_views_masks_quality_and_patient_splits(tmp_path):
+    from edgeus.data import build_datasets
+    from edgeus.data.camus import read_frame, scan
+
+    root = make_camus_tree(tmp_path / "camus", missing_gt={("patient0003", "4CH", "ES")})
+    src = scan(root)
+    assert len(src.paths) == 40 and set(src.views) == {"2CH", "4CH"} and set(src.phases) == {"ED", "ES"}
+    assert src.qualities[0] == "Medium" and src.info[0]["ES"] == "12"          # patient0001: 1 % 3 -> Medium
+    assert len(scan(root, ["Good"]).paths) == 4 * 3                             # patients 3, 6, 9
+    frame = read_frame(src.paths[0])
+    assert frame.shape == (40, 48) and frame[:3].min() == 1.0                  # transposed back: rows first
+    cfg = make_cfg("data=camus", f"data.root={root}", "data.image_size=32", "model.name=simple_cnn")
+    b = build_datasets(cfg.data)
+    assert b.classes == ["2CH", "4CH"] and b.name == "camus"
+    assert sum(len(b.split(s)) for s in ("train", "val", "test")) == 40
+    patients = {s: {Path(i).parent.name for i in b.ids(s)} for s in ("train", "val", "test")}
+    assert not (patients["train"] & patients["val"]) and not (patients["train"] & patients["test"])
+    assert not (patients["val"] & patients["test"])
+    for s in ("train", "val", "test"):
+        assert b.counts(s)[0] == b.counts(s)[1] > 0                             # both views of every patient
+    imgs = b.train.images
+    has = dict(zip(imgs.ids, imgs.has_mask))
+    assert sum(not v for v in has.values()) == 1
+    assert not has[str(root / "training" / "patient0003" / "patient0003_4CH_ES.nii.gz")]
+    item = b.train[0]
+    assert item["image"].shape == (1, 32, 32) and item["mask"].shape == (1, 32, 32)
+    k = int(np.argmax(imgs.has_mask))
+    assert 0.05 < imgs.masks[k].mean() < 0.6                                    # the heart's outline, not empty
+    # view and phase: chosen by the class names (what a model's fingerprint records)
+    cfg4 = make_cfg("data=camus", f"data.root={root}", "data.image_size=32", "data.classes=[4CH_ES,2CH_ED]")
+    b4 = build_datasets(cfg4.data)
+    assert b4.classes == ["4CH_ES", "2CH_ED"] and sum(b4.counts(s)[0] for s in ("train", "val", "test")) == 10
+    from edgeus.errors import DataError
+
+    with pytest.raises(DataError, match="not CAMUS classes"):
+        build_datasets(make_cfg("data=camus", f"data.root={root}", "data.classes=[2CH,4CH_ES]").data)
+    with pytest.raises(DataError, match="CAMUS"):
+        build_datasets(make_cfg("data=camus", f"data.root={tmp_path}").data)
+
+
+@pytest.mark.slow
+def test_efficientnet_cbam_int8_end_to_end_on_a_camus_tree(tmp_path):
+    from edgeus.pipeline import compress
+
+    root = make_camus_tree(tmp_path / "camus", n_patients=10)
+    cfg = make_cfg("recipe=efficientnet_cbam_int8", "profile=camus", f"data.root={root}", "data.image_size=32",
+                   "data.batch_size=16", "model.width=0.125", "train.epochs=2", "train.lr=0.003",
+                   "decompose.finetune_epochs=1", "quantize.qat=false", "compress.robustness=false",
+                   "compress.latency_iters=3", "gates.enforce=false", "gates.critical_class=4CH", "seed=0",
+                   f"out={tmp_path / 'run'}", tiny=False)
+    assert cfg.data.name == "camus"
+    compress(cfg)
+    run = tmp_path / "run"
+    ledger = json.loads((run / "ledger.json").read_text())
+    stages = [r["stage"] for r in ledger["rows"]]
+    assert {"teacher", "decompose", "export", "quantize"} <= set(stages)
+    for r in ledger["rows"]:
+        if r["stage"] in ("teacher", "decompose", "quantize"):
+            assert set(r["metrics"]["recall"]) == {"2CH", "4CH"}, r["stage"]
+    assert "4CH" in (run / "ledger.md").read_text()

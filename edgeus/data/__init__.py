@@ -212,6 +212,10 @@ def _read(cfg) -> tuple[Images, list[str], list]:
         pix = resize(torch.from_numpy(imgs), size).numpy()
         m = resize(torch.from_numpy(masks.astype(np.float32)), size).numpy() > 0.5
         return Images((pix * 255).round().astype(np.uint8), m, np.ones(len(labels), bool), labels, ids), classes, []
+    if cfg.name == "camus":   # NIfTI frames, patient groups, _gt masks: edgeus.data.camus decodes them itself
+        from edgeus.data import camus
+
+        return camus.read(cfg)
     classes = list(cfg.classes) if cfg.classes else None
     if cfg.name == "busi":
         src = readers.read_busi(cfg.root, classes)
@@ -220,7 +224,7 @@ def _read(cfg) -> tuple[Images, list[str], list]:
     elif cfg.name == "tmed2":
         src = readers.read_tmed2(cfg.root, cfg.csv, cfg.scheme, list(cfg.views) if cfg.views else None)
     else:
-        raise DataError(f"unknown dataset {cfg.name!r}; use phantom, busi, tmed2 or folder")
+        raise DataError(f"unknown dataset {cfg.name!r}; use phantom, busi, tmed2, folder or camus")
     images, skipped = load_images(src, size, desc=f"loading {cfg.name}")
     return images, src.classes, skipped
 
