@@ -127,8 +127,9 @@ def torch_result(ctx, out: Path, model, report: dict, stage: str, *, checkpoint:
 
 
 def stage_teacher(ctx, out: Path) -> StageResult:
+    from edgeus import config as C
     from edgeus.train.checkpoint import load_checkpoint
-    from edgeus.train.run import train_from_config
+    from edgeus.train.run import train_model
 
     cfg = ctx.cfg
     if cfg.teacher.checkpoint:
@@ -138,7 +139,8 @@ def stage_teacher(ctx, out: Path) -> StageResult:
         report = {"source": "loaded", "checkpoint": str(cfg.teacher.checkpoint)}
     else:
         train = section(cfg.train, **{**dict(cfg.teacher.train or {}), "out": str(out / "train")})
-        result, _ = train_from_config(with_sections(cfg, train=train), out / "train", bundle=ctx.bundle)
+        result, _ = train_model(cfg.model, cfg.data, train, seed=int(cfg.seed), out_dir=out / "train", bundle=ctx.bundle,
+                                device=ctx.device, config_yaml=C.to_yaml(with_sections(cfg, train=train)))
         shutil.copyfile(result.best_path, out / "model.pt")
         model = result.model
         report = {"source": "trained", "epochs": int(train.epochs), "best_epoch": result.best_epoch,

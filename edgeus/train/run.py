@@ -1,4 +1,4 @@
-"""``train_from_config``: what ``edgeus train`` and the teacher stage of ``compress`` run."""
+"""``train_model`` (the teacher stage over its sections) and ``train_from_config`` (``edgeus train``)."""
 from __future__ import annotations
 
 import json
@@ -25,14 +25,21 @@ def resolve_device(device: str) -> str:
 
 
 def build_model(cfg, num_classes: int):
+    """A fresh ``cfg.model`` (root config) for ``num_classes``, seeded by ``cfg.seed``."""
+    return create_from_section(cfg.model, num_classes, in_chans=int(cfg.data.in_chans), seed=int(cfg.seed))
+
+
+def create_from_section(model_cfg, num_classes: int, *, in_chans: int, seed: int):
+    """A fresh model from the ``model`` section (name, width, kwargs, pretrained weights), its initial
+    weights fixed by ``seed``."""
     from edgeus.models import create_model
 
     import torch
 
-    m = cfg.model
-    torch.manual_seed(int(cfg.seed))          # the same seed always gives the same initial weights
+    m = model_cfg
+    torch.manual_seed(int(seed))          # the same seed always gives the same initial weights
     try:
-        model = create_model(m.name, num_classes=num_classes, in_chans=int(cfg.data.in_chans), width=float(m.width),
+        model = create_model(m.name, num_classes=num_classes, in_chans=int(in_chans), width=float(m.width),
                              **dict(m.kwargs))
     except (KeyError, TypeError, ValueError) as e:
         from edgeus.errors import EdgeusError
@@ -46,11 +53,10 @@ def build_model(cfg, num_classes: int):
 
 
 def train_from_config(cfg, out_dir: str | Path | None = None, bundle=None):
-    """Train ``cfg.model`` on ``cfg.data``; returns (FitResult, bundle). Checkpoints go to ``out_dir``."""
-    from edgeus.data import build_datasets, build_loaders
-    from edgeus.train.checkpoint import load_checkpoint
-    from edgeus.train.trainer import Supervised, fit
+    """Train ``cfg.model`` on ``cfg.data``; returns (FitResult, bundle). Checkpoints go to ``out_dir``.
 
+    The command-level wrapper (``edgeus train``): resolves the device, joins a torchrun process group,
+    picks the output folder, then runs :func:`train_model` on the config's sections."""
     device = resolve_device(cfg.device)
     distributed = D.setup(device)
     if distributed and device.startswith("cuda"):
@@ -60,31 +66,47 @@ def train_from_config(cfg, out_dir: str | Path | None = None, bundle=None):
     out = Path(out_dir or cfg.train.out or Path(cfg.out_dir) / f"train-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if distributed:
         out = Path(D.broadcast_object(str(out)))
-    bundle = bundle or build_datasets(cfg.data)
+    return train_model(cfg.model, cfg.data, cfg.train, seed=int(cfg.seed), out_dir=out, bundle=bundle, device=device,
+                       distributed=distributed, config_yaml=C.to_yaml(cfg))
+
+
+def train_model(model_cfg, data_cfg, train_cfg, *, seed: int, out_dir: str | Path, bundle=None, device: str = "cpu",
+                distributed: bool = False, config_yaml: str | None = None):
+    """Train a classifier from its sections: ``model_cfg`` (the ``model`` section: a fresh model), or
+    ``train_cfg.checkpoint`` (continue from an edgeus checkpoint), on ``bundle`` (or the data
+    ``data_cfg`` describes) with ``train_cfg``. Writes ``best.pt``, ``last.pt``, ``history.json`` and
+    (given ``config_yaml``) ``config.yaml`` under ``out_dir``. Returns (FitResult, bundle)."""
+    from edgeus.data import build_datasets, build_loaders
+    from edgeus.train.checkpoint import load_checkpoint
+    from edgeus.train.trainer import Supervised, fit
+
+    out = Path(out_dir)
+    bundle = bundle or build_datasets(data_cfg)
     if D.is_main():
         log.info("%s", bundle.summary())
-    if cfg.train.checkpoint:
-        model, ckpt = load_checkpoint(cfg.train.checkpoint)
+    if train_cfg.checkpoint:
+        model, ckpt = load_checkpoint(train_cfg.checkpoint)
         if ckpt["classes"] != bundle.classes:
             from edgeus.errors import CheckpointError
 
-            raise CheckpointError(f"{cfg.train.checkpoint} was trained on classes {ckpt['classes']}, "
+            raise CheckpointError(f"{train_cfg.checkpoint} was trained on classes {ckpt['classes']}, "
                                   f"the data has {bundle.classes}")
     else:
-        model = build_model(cfg, len(bundle.classes))
-    loaders = build_loaders(bundle, cfg.data, distributed=distributed)
-    weights = bundle.class_weights() if cfg.data.balance == "weights" else None
-    trainable = Supervised(model, weights, float(cfg.train.label_smoothing))
+        model = create_from_section(model_cfg, len(bundle.classes), in_chans=int(data_cfg.in_chans), seed=int(seed))
+    loaders = build_loaders(bundle, data_cfg, distributed=distributed)
+    weights = bundle.class_weights() if data_cfg.balance == "weights" else None
+    trainable = Supervised(model, weights, float(train_cfg.label_smoothing))
     if D.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        C.save(cfg, out / "config.yaml")
-    result = fit(trainable, loaders, cfg.train, out, classes=bundle.classes, preprocessing=bundle.preprocessing,
-                 device=device, config_yaml=C.to_yaml(cfg), desc=f"train {cfg.model.name}", seed=int(cfg.seed))
+        if config_yaml is not None:
+            (out / "config.yaml").write_text(config_yaml)
+    result = fit(trainable, loaders, train_cfg, out, classes=bundle.classes, preprocessing=bundle.preprocessing,
+                 device=device, config_yaml=config_yaml, desc=f"train {model_cfg.name}", seed=int(seed))
     if D.is_main():
         (out / "history.json").write_text(json.dumps(result.history, indent=1, default=float))
         if result.best_path is not None and Path(result.best_path).is_file():
             from edgeus.data.fingerprint import data_fingerprint
             from edgeus.train.checkpoint import stamp_data
 
-            stamp_data(result.best_path, data_fingerprint(bundle, cfg.data))   # the images this model saw
+            stamp_data(result.best_path, data_fingerprint(bundle, data_cfg))   # the images this model saw
     return result, bundle
