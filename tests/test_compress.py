@@ -55,7 +55,7 @@ def test_report_and_robustness(tiny_run):
     out, result = tiny_run
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 4          # self-contained figures
-    assert "Clinical gates" in (out / "report.md").read_text()
+    assert "Gates and tolerances" in (out / "report.md").read_text()
     rob = json.loads((out / "robustness.json").read_text())
     assert set(rob["teacher"]) == {"clean", "speckle", "gain", "blur", "shadow"}
     assert len(rob["student"]["blur"]) == 3

@@ -433,10 +433,10 @@ def _load_model(ctx, path: str | None):
     return load_checkpoint(path)[0]
 
 
-def _enter_stage(ctx, recipe_stages: list[str], name: str) -> None:
-    """Artifacts (and models) as the finished stages before ``name`` left them."""
+def _enter_stage(ctx, recipe_stages: list[str], name: str | None) -> None:
+    """Artifacts (and models) as the finished stages before ``name`` left them (all of them: None)."""
     arts: dict = {}
-    for s in recipe_stages[:recipe_stages.index(name)]:
+    for s in recipe_stages[:recipe_stages.index(name) if name else len(recipe_stages)]:
         arts.update(ctx.outputs.get(s, {}))
     ctx.artifacts = arts
     if arts.get("teacher_model") and arts["teacher_model"] != ctx.teacher_path:
@@ -566,6 +566,7 @@ def _run(cfg, run_dir, state, bundle, device, recipe_stages, selected, applied) 
         _print_row(name, rows[0], wall)
         if gate_failures and cfg.gates.enforce:
             break
+    _enter_stage(ctx, recipe_stages, None)      # robustness and report see every finished stage's outputs
     result = {"run_dir": str(run_dir), "ledger": str(run_dir / "ledger.md"),
               "bundle": ctx.all_artifacts().get("bundle"), "gates": state.get("gates", []),
               "enforced": bool(cfg.gates.enforce)}
