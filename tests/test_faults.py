@@ -44,6 +44,15 @@ def cli(*args, cwd=None, timeout=300):
                           cwd=cwd, timeout=timeout)
 
 
+def main_rc(capsys, *args):
+    """The CLI in this process (no interpreter start): (exit code, stderr)."""
+    from edgeus.cli import main
+
+    capsys.readouterr()
+    rc = main(list(args))
+    return rc, capsys.readouterr().err
+
+
 def ledger_key(run: Path):
     rows = json.loads((run / "ledger.json").read_text())["rows"]
     return [(r["stage"], r.get("params"), r.get("macs"), json.dumps(r.get("metrics"), sort_keys=True)) for r in rows]
@@ -113,42 +122,44 @@ def test_exclusive_creation_refuses_a_taken_directory(tmp_path):
         _create_run_dir(a, cfg)
 
 
-def test_a_new_run_never_writes_into_an_old_run_or_a_users_folder(tmp_path, done_run):
-    r = cli("compress", *ARGS, *SHORT, f"out={done_run}")
-    assert r.returncode == 2 and "already holds a run" in r.stderr and f"resume={done_run}" in r.stderr
+def test_a_new_run_never_writes_into_an_old_run_or_a_users_folder(tmp_path, done_run, capsys):
+    rc, err = main_rc(capsys, "compress", *ARGS, *SHORT, f"out={done_run}")
+    assert rc == 2 and "already holds a run" in err and f"resume={done_run}" in err
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("precious")
-    r = cli("compress", *ARGS, *SHORT, f"out={mine}")
-    assert r.returncode == 2 and "not an empty directory" in r.stderr
+    rc, err = main_rc(capsys, "compress", *ARGS, *SHORT, f"out={mine}")
+    assert rc == 2 and "not an empty directory" in err
     assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "precious"
 
 
-def test_a_failed_start_leaves_no_run_directory(tmp_path):
-    r = cli("compress", *ARGS, *SHORT, "data=busi", f"data.root={tmp_path / 'nowhere'}", f"out={tmp_path / 'run'}")
-    assert r.returncode == 4 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+def test_a_failed_start_leaves_no_run_directory(tmp_path, capsys):
+    rc, err = main_rc(capsys, "compress", *ARGS, *SHORT, "data=busi", f"data.root={tmp_path / 'nowhere'}",
+                      f"out={tmp_path / 'run'}")
+    assert rc == 4 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------------------------ resume
 
-def test_resume_refuses_overrides_it_cannot_apply_by_name(done_run):
+def test_resume_refuses_overrides_it_cannot_apply_by_name(done_run, capsys):
     before = (done_run / "state.json").read_text()
-    r = cli("compress", f"resume={done_run}", "data.image_size=48", "gates.max_accuracy_drop=0.5", "seed=3")
-    assert r.returncode == 2
+    rc, err = main_rc(capsys, "compress", f"resume={done_run}", "data.image_size=48", "gates.max_accuracy_drop=0.5",
+                      "seed=3")
+    assert rc == 2
     for key in ("data.image_size", "gates.max_accuracy_drop", "seed"):
-        assert key in r.stderr
+        assert key in err
     assert (done_run / "state.json").read_text() == before
 
 
-def test_resume_of_a_train_folder_is_one_line(tmp_path):
+def test_resume_of_a_train_folder_is_one_line(tmp_path, capsys):
     folder = tmp_path / "train-out"
     folder.mkdir()
     (folder / "last.pt").write_bytes(b"")
     (folder / "config.yaml").write_text("seed: 0\n")
-    r = cli("compress", f"resume={folder}")
-    assert r.returncode == 4 and len(r.stderr.strip().splitlines()) == 1
-    assert "not a compress run directory" in r.stderr and "edgeus train" in r.stderr
+    rc, err = main_rc(capsys, "compress", f"resume={folder}")
+    assert rc == 4 and len(err.strip().splitlines()) == 1
+    assert "not a compress run directory" in err and "edgeus train" in err
 
 
 @pytest.mark.slow
@@ -171,7 +182,7 @@ def test_resume_after_the_data_changed_is_refused(tmp_path):
     assert r.returncode == 4 and "data differs" in r.stderr
 
 
-def test_a_copied_run_directory_packages_from_its_own_files(tmp_path, done_run):
+def test_a_copied_run_directory_packages_from_its_own_files(tmp_path, done_run, capsys):
     state = json.loads((done_run / "state.json").read_text())
     rows = json.loads((done_run / "ledger.json").read_text())["rows"]
     paths = [*state["artifacts"].values(), *(v for a in state["outputs"].values() for v in a.values()),
@@ -179,8 +190,8 @@ def test_a_copied_run_directory_packages_from_its_own_files(tmp_path, done_run):
     assert paths and not any(Path(p).is_absolute() for p in paths)     # relative to the run directory
     copy = tmp_path / "moved"
     shutil.copytree(done_run, copy)
-    r = cli("compress", f"resume={copy}", "stages=[package]")
-    assert r.returncode == 0, r.stderr[-2000:]
+    rc, err = main_rc(capsys, "compress", f"resume={copy}", "stages=[package]")
+    assert rc == 0, err[-2000:]
     bundle = json.loads((copy / "state.json").read_text())["artifacts"]["bundle"]
     assert (copy / bundle).is_dir() and not Path(bundle).is_absolute()
     assert (copy / "student.int8.onnx").is_file() and (copy / "run.log").is_file()
@@ -210,30 +221,30 @@ def test_out_of_range_message_names_key_value_and_range():
     assert "data.batch_size=0: must be >= 1" in str(e.value)
 
 
-def test_a_recipe_file_without_profiles_composes(tmp_path):
+def test_a_recipe_file_without_profiles_composes(tmp_path, capsys):
     path = tmp_path / "mine.yaml"
     path.write_text("recipe:\n  stages: [teacher, prune]\nmodel:\n  name: simple_cnn\n")
     cfg = make_cfg(f"recipe={path}")
     assert list(cfg.recipe.stages) == ["teacher", "prune"] and cfg.recipe.name == "mine"
-    r = cli("compress", f"recipe={path}", "profile=full")
-    assert r.returncode == 2 and "no profile 'full'" in r.stderr
+    rc, err = main_rc(capsys, "compress", f"recipe={path}", "profile=full")
+    assert rc == 2 and "no profile 'full'" in err
 
 
 # ------------------------------------------------------------------------------------------ data loss
 
-def test_package_out_never_replaces_a_users_files(tmp_path):
+def test_package_out_never_replaces_a_users_files(tmp_path, capsys):
     mine = tmp_path / "firmware"
     mine.mkdir()
     (mine / "keep.bin").write_text("user data")
-    r = cli("compress", *ARGS, *SHORT, f"package.out={mine}", f"out={tmp_path / 'run'}",
-            "recipe.stages=[teacher,prune,export,quantize,package]")
-    assert r.returncode == 2 and "package.out" in r.stderr and "package.overwrite=true" in r.stderr
+    rc, err = main_rc(capsys, "compress", *ARGS, *SHORT, f"package.out={mine}", f"out={tmp_path / 'run'}",
+                      "recipe.stages=[teacher,prune,export,quantize,package]")
+    assert rc == 2 and "package.out" in err and "package.overwrite=true" in err
     assert (mine / "keep.bin").read_text() == "user data" and not (tmp_path / "run").exists()
     other = tmp_path / "fw2"
     (tmp_path / "fw2.tar.gz").write_text("old archive")
-    r = cli("compress", *ARGS, *SHORT, f"package.out={other}", f"out={tmp_path / 'run2'}",
-            "recipe.stages=[teacher,prune,export,quantize,package]")
-    assert r.returncode == 2 and (tmp_path / "fw2.tar.gz").read_text() == "old archive"
+    rc, err = main_rc(capsys, "compress", *ARGS, *SHORT, f"package.out={other}", f"out={tmp_path / 'run2'}",
+                      "recipe.stages=[teacher,prune,export,quantize,package]")
+    assert rc == 2 and (tmp_path / "fw2.tar.gz").read_text() == "old archive"
 
 
 # ------------------------------------------------------------------------------------------ gates
@@ -278,7 +289,7 @@ def test_gate_error_from_the_python_api(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------ inputs, disk
 
-def test_a_teacher_checkpoint_of_another_size_is_refused_before_the_run(tmp_path):
+def test_a_teacher_checkpoint_of_another_size_is_refused_before_the_run(tmp_path, capsys):
     from edgeus.models import create_model
     from edgeus.train.checkpoint import save_checkpoint
 
@@ -286,8 +297,8 @@ def test_a_teacher_checkpoint_of_another_size_is_refused_before_the_run(tmp_path
     save_checkpoint(ckpt, create_model("simple_cnn", num_classes=3, in_chans=1, width=0.25),
                     classes=["normal", "benign", "malignant"],
                     preprocessing={"image_size": 48, "in_chans": 1, "mean": [0.5], "std": [0.25]})
-    r = cli("compress", *ARGS, *SHORT, f"teacher.checkpoint={ckpt}", f"out={tmp_path / 'run'}")
-    assert r.returncode == 4 and "image_size=48" in r.stderr and "data.image_size=48" in r.stderr
+    rc, err = main_rc(capsys, "compress", *ARGS, *SHORT, f"teacher.checkpoint={ckpt}", f"out={tmp_path / 'run'}")
+    assert rc == 4 and "image_size=48" in err and "data.image_size=48" in err
     assert not (tmp_path / "run").exists()
 
 
@@ -310,9 +321,12 @@ def test_a_full_disk_leaves_no_temporary_file(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------ CLI hygiene
 
-def test_config_command_prints_the_resolved_configuration():
-    r = cli("config", "recipe=rsmas_int8", "prune.target_macs=0.2")
-    assert r.returncode == 0 and "target_macs: 0.2" in r.stdout and "name: rsmas_int8" in r.stdout
+def test_config_command_prints_the_resolved_configuration(capsys):
+    from edgeus.cli import main
+
+    assert main(["config", "recipe=rsmas_int8", "prune.target_macs=0.2"]) == 0
+    out = capsys.readouterr().out
+    assert "target_macs: 0.2" in out and "name: rsmas_int8" in out
 
 
 @pytest.mark.slow
