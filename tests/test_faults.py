@@ -14,6 +14,8 @@ run, and what they see. Tiny phantom runs; the whole module takes well under two
 | data.root that does not exist | exit 4; no run directory left behind |
 | package.out=<folder with the user's files>, or its .tar.gz exists | exit 2 before training; the files are untouched |
 | a gate fails; resume; resume stages=[package] | exit 3 each time, no bundle; only a resume that changes the stage's settings runs it again (recorded in state.json) |
+| teacher.checkpoint trained at 48 px in a 64-px run | exit 4 before any data loads: "set data.image_size=48 to use it" |
+| the disk fills while state/ledger is written | the temporary file is removed; exit 7 "the disk is full" |
 | recipe file without profiles | composes |
 | edgeus config <args> / compress --json | the resolved YAML / a JSON summary on stdout |
 """
