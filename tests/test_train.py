@@ -189,3 +189,37 @@ def test_fit_with_no_epochs_names_no_best_checkpoint(tmp_path, small_cfg, small_
     r = fit(Supervised(model), build_loaders(small_bundle, small_cfg.data), small_cfg.train, tmp_path,
             classes=small_bundle.classes, preprocessing=small_bundle.preprocessing, epochs=0)
     assert r.best_path is None and r.history == []
+
+
+def test_a_finetuner_builds_its_loaders_once_and_sharing_them_changes_nothing():
+    """edgeus.finetune: one set of loaders per finetuner; fit reseeds them every epoch, so a second
+    fine-tune through the same finetuner trains exactly like one through a fresh finetuner."""
+    from conftest import make_cfg
+    from edgeus.data import build_datasets
+    from edgeus.finetune import make_finetuner
+    from edgeus.train import Supervised
+
+    cfg = make_cfg("train.max_steps_per_epoch=2")
+    bundle = build_datasets(cfg.data)
+
+    def run(ft, **kw):
+        torch.manual_seed(0)
+        m = create_model("simple_cnn", num_classes=3, width=0.25)
+        m, rep = ft(m, epochs=2, desc="ft", **kw)
+        return [v.clone() for v in m.state_dict().values()], rep
+
+    ft = make_finetuner(cfg, bundle)
+    first, rep = run(ft)
+    loaders = ft.loaders
+    second, _ = run(ft)
+    fresh, _ = run(make_finetuner(cfg, bundle))
+    assert ft.loaders is loaders
+    assert all(torch.equal(a, b) for a, b in zip(first, fresh)) and all(torch.equal(a, b) for a, b in zip(second, fresh))
+    assert rep["epochs"] == 2 and not rep["with_teacher"] and len(rep["history"]) == 2
+    # with a teacher: it is put in eval mode and used, unless a custom trainable replaces the default one
+    teacher = create_model("simple_cnn", num_classes=3, width=0.25).train()
+    ft = make_finetuner(cfg, bundle, teacher=teacher)
+    assert not teacher.training
+    assert run(ft)[1]["with_teacher"]
+    assert not run(ft, use_teacher=False)[1]["with_teacher"]
+    assert not run(ft, trainable=lambda m, w: Supervised(m, w))[1]["with_teacher"]
