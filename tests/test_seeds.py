@@ -144,7 +144,8 @@ def _dense_channels_consistent(model) -> None:
             t = getattr(feats, f"transition{b}")
             assert t.norm.num_features == t.conv.in_channels == n
             n = t.conv.out_channels
-    assert feats.norm5.num_features == model.classifier.in_features == n
+    head = model.classifier if isinstance(model.classifier, nn.Linear) else model.classifier[0]
+    assert feats.norm5.num_features == head.in_features == n
 
 
 def test_densenet201_prunes_through_dense_concatenations(tmp_path):
@@ -508,3 +509,94 @@ def test_efficientnet_cbam_int8_end_to_end_on_a_camus_tree(tmp_path):
         if r["stage"] in ("teacher", "decompose", "quantize"):
             assert set(r["metrics"]["recall"]) == {"2CH", "4CH"}, r["stage"]
     assert "4CH" in (run / "ledger.md").read_text()
+
+
+# --- 6. two-stage as published (seed 001) -------------------------------------------------------------------
+
+def test_two_stage_published_layout_inputs_and_frozen_parts():
+    torch.manual_seed(0)
+    m = create_model("two_stage_published", num_classes=3, in_chans=1, width=0.125)
+    assert type(m.classifier).__name__ == "DenseNet"
+    head = m.classifier.classifier
+    assert [type(l).__name__ for l in head] == ["Linear", "ReLU"] * 3 + ["Dropout", "Linear"]
+    assert [l.out_features for l in head if isinstance(l, nn.Linear)] == [64, 64, 64, 3]
+    assert head[6].p == 0.05
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("classifier.classifier.") for n in trainable)   # the head only
+    m.train()
+    assert not m.segmenter.training and not m.classifier.features.norm0.training and head.training
+    x = torch.randn(2, 1, SIZE, SIZE)
+    inp = m.stage2_input(x)
+    assert inp.shape == (2, 3, SIZE, SIZE) and torch.equal(inp[:, 0], x[:, 0]) and torch.equal(inp[:, 1], inp[:, 2])
+    torch.testing.assert_close(inp[:, 1:2], m.segment(x))
+    img = create_model("two_stage_published", width=0.125, inputs="image", freeze_features=False)
+    assert img.segmenter is None
+    assert torch.equal(img.stage2_input(x), x.repeat(1, 3, 1, 1))
+    assert all(p.requires_grad for p in img.parameters())
+    with pytest.raises(ValueError, match="inputs"):
+        create_model("two_stage_published", width=0.125, inputs="mask")
+
+
+def test_two_stage_published_trains_the_unet_first_then_the_head(tmp_path):
+    from edgeus.train.run import train_from_config
+
+    cfg = make_cfg("model.name=two_stage_published", "model.width=0.125", "data.image_size=32",
+                   "data.n_per_class=8", "data.batch_size=8", "train.epochs=2", "train.lr=0.003",
+                   "model.kwargs.seg_epochs=3", f"train.out={tmp_path / 't'}", "train.resume=false")
+    torch.manual_seed(0)
+    from edgeus.train.run import build_model
+
+    init = build_model(cfg, 3).state_dict()
+    result, bundle = train_from_config(cfg)
+    model = result.model
+    assert (tmp_path / "t" / "segmenter.pt").is_file()
+    sd = model.state_dict()
+    assert not torch.equal(sd["segmenter.enc.0.0.weight"], init["segmenter.enc.0.0.weight"])      # stage 1 ran
+    assert torch.equal(sd["classifier.features.conv0.weight"], init["classifier.features.conv0.weight"])  # frozen
+    assert torch.equal(sd["classifier.features.norm0.running_mean"], init["classifier.features.norm0.running_mean"])
+    assert not torch.equal(sd["classifier.classifier.0.weight"], init["classifier.classifier.0.weight"])  # the head
+    # the U-Net the classifier trained on is the one saved by stage 1
+    seg = torch.load(tmp_path / "t" / "segmenter.pt", weights_only=True)
+    torch.testing.assert_close(seg["enc.0.0.weight"], sd["segmenter.enc.0.0.weight"])
+    # a second call reuses it instead of training again
+    rep = model.train_first({"train": [], "val": [], "train_plain": []}, out_dir=tmp_path / "t")
+    assert rep["reused"]
+    x = torch.randn(2, 1, SIZE, SIZE)
+    assert _export_parity(model.eval(), x) < 1e-4
+
+
+def test_two_stage_published_unet_learns_from_masks_alone():
+    from edgeus.data import build_datasets, build_loaders
+
+    cfg = make_cfg("data.image_size=32", "data.n_per_class=12", "data.batch_size=12")
+    bundle = build_datasets(cfg.data)
+    loaders = build_loaders(bundle, cfg.data)
+    torch.manual_seed(0)
+    m = create_model("two_stage_published", num_classes=3, width=0.25, seg_epochs=6, seg_lr=3e-3)
+    rep = m.train_first(loaders)
+    h = rep["history"]
+    assert len(h) == 6 and h[-1]["train_bce"] < h[0]["train_bce"]
+    assert rep["val_bce"] == min(r["val_bce"] for r in h)
+    assert not any(p.requires_grad for p in m.segmenter.parameters()) and not m.segmenter.training
+
+
+def test_two_stage_published_loads_torchvision_densenet_and_prunes_consistently(tmp_path):
+    from edgeus.models.pretrained import load_pretrained
+
+    torch.manual_seed(0)
+    src = create_model("densenet201", num_classes=1000, in_chans=3, width=0.125)
+    torch.save(src.state_dict(), tmp_path / "d201.pth")
+    m = create_model("two_stage_published", num_classes=2, in_chans=1, width=0.125)
+    report = load_pretrained(m, tmp_path / "d201.pth")
+    assert report["target"] == "classifier" and not report["adapted"]          # [image, mask, mask] = 3 channels
+    torch.testing.assert_close(m.classifier.features.conv0.weight, src.features.conv0.weight)
+    assert any(k.startswith("classifier.0") for k in report["rebuilt_not_loaded"])
+    assert any(k.startswith("classifier.") for k in report["unused"])          # the ImageNet head, reported
+    pruned, rep = _prune(m, 0.4)
+    assert rep["after"]["macs"] < 0.8 * rep["before"]["macs"]
+    assert pruned.segmenter.enc[1][0].out_channels < m.segmenter.enc[1][0].out_channels   # the U-Net was traced
+    _dense_channels_consistent(pruned.classifier)
+    pruned.train()
+    assert all(n.startswith("classifier.classifier.") for n, p in pruned.named_parameters() if p.requires_grad)
+    x = torch.randn(2, 1, SIZE, SIZE)
+    assert _export_parity(pruned.eval(), x) < 1e-4

@@ -130,3 +130,206 @@ def two_stage(num_classes: int = 3, in_chans: int = 1, width: float = 1.0, class
     if classifier == "two_stage":
         raise ValueError("two_stage cannot use itself as its classifier")
     return TwoStage(num_classes, in_chans, width, classifier, unet_base, unet_dropout, seg_weight, classifier_kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# seed 001 as published: the U-Net trained first, then a frozen DenseNet-201 with a 3 x FC-64 head
+
+
+class _Stage2Head(nn.Sequential):
+    """``layers`` x (Linear -> ``units``, ReLU), dropout, Linear -> classes (seed 001: 3 x 64, 0.05)."""
+
+    def __init__(self, in_features: int, num_classes: int, units: int = 64, layers: int = 3, dropout: float = 0.05):
+        mods: list[nn.Module] = []
+        n = in_features
+        for _ in range(layers):
+            mods += [nn.Linear(n, units), nn.ReLU(inplace=True)]
+            n = units
+        mods += [nn.Dropout(dropout), nn.Linear(n, num_classes)]
+        super().__init__(*mods)
+
+
+INPUTS = ("predicted", "image")
+
+
+class TwoStagePublished(nn.Module):
+    """Seed 001's two-stage classifier as the paper trains it (``two_stage_published``).
+
+    Stage 1, a U-Net (the same layout as ``two_stage``), is trained first and on its own:
+    :meth:`train_first` (BCE on the images with a mask, Adam, ``seg_epochs`` epochs at ``seg_lr``, the
+    epoch with the lowest validation BCE kept), which ``edgeus.train.run.train_model`` calls before the
+    classifier is trained. Afterwards the U-Net is frozen and always runs in inference mode.
+
+    Stage 2 classifies ``[image, predicted mask, predicted mask]`` (``inputs="predicted"``) or
+    ``[image, image, image]`` (``inputs="image"``: the paper's images-only row; no U-Net at all) with a
+    zoo model (``classifier``, default ``densenet201``; torchvision's ImageNet file loads into it with
+    ``model.pretrained=``) whose last linear layer is replaced by ``head_layers`` x FC-``head_units``
+    with ReLU, a dropout of ``head_dropout`` and the output layer. ``freeze_features`` (the paper's
+    non-trainable convolutional layers) trains the head only, with the backbone's BatchNorm in
+    inference mode. Features are globally average-pooled before the head (the paper's Keras model
+    flattens DenseNet's output; pooling keeps the head independent of the input size).
+
+    ``forward(x)`` returns class logits (ONNX export and the compression stages see a plain
+    classifier); ``segment(x)`` returns mask probabilities.
+    """
+
+    pretrained_target = "classifier"
+
+    def __init__(self, num_classes: int = 3, in_chans: int = 1, width: float = 1.0, classifier: str = "densenet201",
+                 inputs: str = "predicted", freeze_features: bool = True, head_units: int = 64, head_layers: int = 3,
+                 head_dropout: float = 0.05, unet_base: int = 16, unet_dropout: float = 0.1, seg_epochs: int = 50,
+                 seg_lr: float = 1e-3, classifier_kwargs: dict | None = None):
+        super().__init__()
+        if inputs not in INPUTS:
+            raise ValueError(f"two_stage_published inputs must be one of {', '.join(INPUTS)}, not {inputs!r}")
+        if classifier in ("two_stage", "two_stage_published"):
+            raise ValueError(f"two_stage_published cannot use {classifier} as its classifier")
+        self.inputs = inputs
+        self.in_chans = int(in_chans)
+        self.seg_epochs, self.seg_lr = int(seg_epochs), float(seg_lr)
+        self.freeze_features = bool(freeze_features)
+        self.last_mask_logits: torch.Tensor | None = None
+        if inputs == "image":
+            self.segmenter = None
+        else:
+            base = make_divisible(unet_base * width, 4, min_value=4)
+            self.segmenter = UNet(in_chans, base, 5, unet_dropout)   # trained by train_first only
+        self.classifier = create_model(classifier, num_classes=num_classes, in_chans=in_chans + 2, width=width,
+                                       **dict(classifier_kwargs or {}))
+        head_name = [n for n, m in self.classifier.named_modules() if isinstance(m, nn.Linear)][-1]
+        old = self.classifier.get_submodule(head_name)
+        parent, _, leaf = head_name.rpartition(".")
+        setattr(self.classifier.get_submodule(parent) if parent else self.classifier, leaf,
+                _Stage2Head(old.in_features, num_classes, int(head_units), int(head_layers), float(head_dropout)))
+        self.head_name = head_name
+        # the head is new: a torchvision file's own head is reported, not loaded
+        self.classifier.pretrained_rebuilt_prefixes = (
+            *getattr(self.classifier, "pretrained_rebuilt_prefixes", ()), f"{head_name}.")
+        self._freeze()
+
+    def _freeze(self) -> None:
+        """The U-Net (trained by :meth:`train_first` only) and, with ``freeze_features``, the backbone do not
+        train. Applied again by :meth:`train`: pruning replaces parameters with new, trainable ones."""
+        if self.segmenter is not None:
+            for p in self.segmenter.parameters():
+                p.requires_grad_(False)
+        if self.freeze_features:
+            head_params = {id(p) for p in self.classifier.get_submodule(self.head_name).parameters()}
+            for p in self.classifier.parameters():
+                if id(p) not in head_params:
+                    p.requires_grad_(False)
+
+    def __getstate__(self):  # deepcopy / pickle: drop the cached (possibly graph-holding) mask logits
+        state = self.__dict__.copy()
+        state["last_mask_logits"] = None
+        return state
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if getattr(self, "_stage1", False):          # train_first is training the U-Net
+            return self
+        self._freeze()
+        if self.segmenter is not None:
+            self.segmenter.eval()                    # stage 1 is done: inference mode (BN statistics, no dropout)
+        if self.freeze_features:                     # Keras' non-trainable layers: BN in inference mode
+            for m in self.classifier.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def segment(self, x: torch.Tensor) -> torch.Tensor:
+        """Mask probabilities [B, 1, H, W] (``inputs="image"`` has no segmenter)."""
+        if self.segmenter is None:
+            raise RuntimeError("two_stage_published with inputs=image has no segmenter")
+        return torch.sigmoid(self.segmenter(x))
+
+    def stage2_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inputs == "image":
+            g = x[:, :1]
+            return torch.cat([x, g, g], dim=1)
+        logits = self.segmenter(x)       # frozen: no graph is kept unless the pruner traces the model
+        self.last_mask_logits = logits   # the pruner traces it as an output, so the U-Net is pruned too
+        mask = torch.sigmoid(logits).detach()
+        return torch.cat([x, mask, mask], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.stage2_input(x))
+
+    def train_first(self, loaders: dict, *, device: str = "cpu", out_dir=None, log=None) -> dict:
+        """Stage 1: train the U-Net alone (BCE on images with a mask, Adam at ``seg_lr``, ``seg_epochs``
+        epochs), keep the epoch with the lowest validation BCE, freeze it. With ``out_dir`` the result is
+        kept in ``<out_dir>/segmenter.pt`` and reused (a resumed run does not train it again).
+        Returns ``{"epochs", "best_epoch", "val_bce", "history", "reused"}``."""
+        from pathlib import Path
+
+        if self.segmenter is None:
+            return {"epochs": 0, "note": "inputs=image: no segmenter"}
+        seg = self.segmenter
+        path = Path(out_dir) / "segmenter.pt" if out_dir else None
+        if path is not None and path.is_file():
+            seg.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            seg.to(device).eval()
+            return {"epochs": self.seg_epochs, "reused": str(path)}
+
+        def masked_batches(loader):
+            for batch in loader:
+                has = batch["has_mask"].bool()
+                if bool(has.any()):
+                    yield batch["image"][has].to(device), batch["mask"][has].to(device).float()
+
+        if not any(bool(b["has_mask"].any()) for b in loaders["train_plain"]):
+            raise ValueError("two_stage_published trains its U-Net on lesion masks; the training split has none")
+        seg.to(device)
+        params = list(seg.parameters())
+        self._stage1 = True
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=self.seg_lr)
+        best, best_state, best_epoch, history = float("inf"), None, 0, []
+        try:
+            for epoch in range(self.seg_epochs):
+                seg.train()
+                total, n = 0.0, 0
+                for x, m in masked_batches(loaders["train"]):
+                    loss = F.binary_cross_entropy_with_logits(seg(x), m)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total, n = total + float(loss.detach()) * len(x), n + len(x)
+                seg.eval()
+                vt, vn = 0.0, 0
+                with torch.no_grad():
+                    for x, m in masked_batches(loaders["val"]):
+                        bce = F.binary_cross_entropy_with_logits(seg(x), m, reduction="sum") / m[0].numel()
+                        vt, vn = vt + float(bce), vn + len(x)
+                val = vt / vn if vn else total / max(n, 1)
+                history.append({"epoch": epoch + 1, "train_bce": total / max(n, 1), "val_bce": val})
+                if val < best:
+                    best, best_epoch = val, epoch + 1
+                    best_state = {k: v.detach().cpu().clone() for k, v in seg.state_dict().items()}
+                if log is not None:
+                    log.info("U-Net epoch %d/%d  train BCE %.4f  val BCE %.4f", epoch + 1, self.seg_epochs,
+                             history[-1]["train_bce"], val)
+        finally:
+            self._stage1 = False
+            for p in params:
+                p.requires_grad_(False)
+        if best_state is not None:
+            seg.load_state_dict(best_state)
+        seg.eval()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({k: v.cpu() for k, v in seg.state_dict().items()}, path)
+        return {"epochs": self.seg_epochs, "best_epoch": best_epoch, "val_bce": best, "history": history,
+                "reused": None}
+
+
+@register_model
+def two_stage_published(num_classes: int = 3, in_chans: int = 1, width: float = 1.0, classifier: str = "densenet201",
+                        inputs: str = "predicted", freeze_features: bool = True, head_units: int = 64,
+                        head_layers: int = 3, head_dropout: float = 0.05, unet_base: int = 16,
+                        unet_dropout: float = 0.1, seg_epochs: int = 50, seg_lr: float = 1e-3,
+                        classifier_kwargs: dict | None = None) -> nn.Module:
+    """Seed 001 as published: U-Net trained first, then frozen DenseNet-201 + 3 x FC-64 on [image, mask, mask]."""
+    return TwoStagePublished(num_classes, in_chans, width, classifier, inputs, freeze_features, head_units,
+                             head_layers, head_dropout, unet_base, unet_dropout, seg_epochs, seg_lr, classifier_kwargs)

@@ -246,6 +246,11 @@ def make_forward_fn(pruners: dict[type, BlockPruner], transparent: dict[type, st
                         return type(_m).forward(_m, *a, **k)
                 m.forward = _fwd
                 patched.append(m)
+        # frozen parameters (two_stage_published's U-Net and backbone) take part in the trace like the
+        # others: autograd records no op whose inputs all lack requires_grad
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(True)
         try:
             out = model(example)
             # heads whose output the model caches for an auxiliary loss (two_stage's segmentation
@@ -254,6 +259,8 @@ def make_forward_fn(pruners: dict[type, BlockPruner], transparent: dict[type, st
                    and v.grad_fn is not None]
             return (out, *aux) if aux else out
         finally:
+            for p in frozen:
+                p.requires_grad_(False)
             for m in patched:
                 del m.forward
 

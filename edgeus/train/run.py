@@ -94,6 +94,9 @@ def train_model(model_cfg, data_cfg, train_cfg, *, seed: int, out_dir: str | Pat
     else:
         model = create_from_section(model_cfg, len(bundle.classes), in_chans=int(data_cfg.in_chans), seed=int(seed))
     loaders = build_loaders(bundle, data_cfg, distributed=distributed)
+    first = getattr(model, "train_first", None)   # two_stage_published: its U-Net trains first, alone (seed 001)
+    if callable(first) and not train_cfg.checkpoint:
+        first(loaders, device=device, out_dir=out, log=log)
     weights = bundle.class_weights() if data_cfg.balance == "weights" else None
     trainable = Supervised(model, weights, float(train_cfg.label_smoothing))
     if D.is_main():
