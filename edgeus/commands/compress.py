@@ -57,9 +57,7 @@ def run(cfg, args):
         code, error, result = GateError.exit_code, str(e), getattr(e, "result", None)
         print(f"edgeus compress: {e}", file=sys.stderr)
     except KeyboardInterrupt:
-        print("\nedgeus compress: interrupted; finished stages are kept — continue with "
-              "edgeus compress resume=<run dir printed above>", file=sys.stderr)
-        return 130
+        return 130     # the runner said how to continue (resume=<run dir>)
     if as_json:
         print(json.dumps({"ok": code == 0, "exit_code": code, "error": error, **(result or {})}, indent=1,
                          default=str))

@@ -499,6 +499,11 @@ def compress(cfg) -> dict:
     log_handler = _start_log(run_dir)
     try:
         return _run(cfg, run_dir, state, bundle, device, recipe_stages, selected, applied)
+    except KeyboardInterrupt:
+        _runlog.info("interrupted")
+        print(f"\ninterrupted: finished stages are kept; continue with: edgeus compress resume={run_dir}",
+              file=sys.stderr, flush=True)
+        raise
     finally:
         logging.getLogger().removeHandler(log_handler)
         log_handler.close()
