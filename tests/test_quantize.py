@@ -609,3 +609,20 @@ def test_bias_correction_removes_the_mean_shift_of_weight_rounding(tmp_path):
     before = np.abs((run_logits(tmp_path / "q.onnx", x, optimization="disable") - ref).mean((0, 2, 3))).max()
     after = np.abs((run_logits(tmp_path / "qbc.onnx", x, optimization="disable") - ref).mean((0, 2, 3))).max()
     assert info["layers"] == 1 and after < 0.5 * before, (before, after)
+
+
+def test_entropy_calibration_searches_thresholds(tmp_path):
+    """ONNX Runtime's default entropy histogram (128 bins = its 128 quantised bins) leaves one candidate, the
+    min-max range; with TensorRT's 2048 bins the KL search clips a heavy-tailed tensor."""
+    lin = torch.nn.Linear(16, 3)
+    torch.onnx.export(lin.eval(), (torch.zeros(1, 16),), str(tmp_path / "lin.onnx"), input_names=["input"],
+                      output_names=["logits"], opset_version=17, dynamic_axes={"input": {0: "b"}, "logits": {0: "b"}},
+                      dynamo=False)
+    x = np.random.default_rng(0).standard_normal((20, 16)).astype(np.float32)
+    x[0, 0] = 40.0                                                     # one outlier
+    spec = C.CalibrationSpec(num_images=0, batch_size=8, method="minmax")
+    cs = C.CalibrationSet(x, np.zeros(20, np.int64), [str(i) for i in range(20)], spec, "synthetic")
+    mm = C.compute_ranges(tmp_path / "lin.onnx", cs, tmp_path / "mm.json")
+    spec.method = "entropy"                                            # 20 images, batch 8: uniform batches of 5
+    ent = C.compute_ranges(tmp_path / "lin.onnx", cs, tmp_path / "ent.json", symmetric=True)
+    assert max(abs(v) for v in ent["input"]) < 0.5 * max(abs(v) for v in mm["input"]), (ent["input"], mm["input"])

@@ -3,6 +3,8 @@
     from edgeus.quantize import quantize_onnx, check_tensorrt_qdq
 
 ONNX export lives in :mod:`edgeus.onnx` (``from edgeus.onnx import export_onnx``).
+For a bundle manifest: ``isa_record("student.int8.onnx")`` gives the host ISA the accuracy was
+measured on, the target's ISA and how accuracy was measured (:mod:`edgeus.quantize.isa`).
 
 Imports are lazy: ``edgeus.config`` imports this package for its dataclasses, and onnxruntime /
 onnx load only when a function is used.
@@ -21,6 +23,10 @@ _API = {
     "QATSetup": "edgeus.quantize.qat",
     "inputs_from_bundle": "edgeus.quantize.ptq",
     "EvalSet": "edgeus.quantize.evalset",
+    "FidelitySet": "edgeus.quantize.evalset",
+    "isa_record": "edgeus.quantize.isa",
+    "detect_host": "edgeus.quantize.isa",
+    "placement_problems": "edgeus.quantize.placement",
 }
 __all__ = list(_API)
 

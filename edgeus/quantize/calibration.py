@@ -27,6 +27,7 @@ from edgeus.errors import EdgeusError
 
 log = logging.getLogger("edgeus.quantize")
 METHODS = ("minmax", "entropy", "percentile")
+ENTROPY_BINS = 2048
 
 
 @dataclass
@@ -111,26 +112,35 @@ class CalibrationSet:
     spec: CalibrationSpec
     sha256: str
 
-    def batches(self):
-        bs = self.spec.batch_size
+    def batch_size(self, uniform: bool = False) -> int:
+        """The spec's batch size; ``uniform``: the largest one <= it that divides the set (ONNX Runtime's
+        histogram calibrators stack every batch's outputs and fail on a shorter last batch)."""
+        bs = max(1, min(self.spec.batch_size, len(self.images)))
+        if uniform:
+            while len(self.images) % bs:
+                bs -= 1
+        return bs
+
+    def batches(self, uniform: bool = False):
+        bs = self.batch_size(uniform)
         for i in range(0, len(self.images), bs):
             yield self.images[i:i + bs]
 
-    def reader(self, input_name: str = "input"):
+    def reader(self, input_name: str = "input", uniform: bool = False):
         from onnxruntime.quantization import CalibrationDataReader
 
         outer = self
 
         class _Reader(CalibrationDataReader):
             def __init__(self):
-                self._it = iter(outer.batches())
+                self._it = iter(outer.batches(uniform))
 
             def get_next(self):
                 batch = next(self._it, None)
                 return None if batch is None else {input_name: batch}
 
             def __len__(self):
-                return -(-len(outer.images) // outer.spec.batch_size)
+                return -(-len(outer.images) // outer.batch_size(uniform))
 
         return _Reader()
 
@@ -197,10 +207,15 @@ def compute_ranges(model_path: str | Path, calib: CalibrationSet, cache_path: st
         options["moving_average"] = bool(spec.moving_average)
     if spec.method == "percentile":
         options["percentile"] = float(spec.percentile)
+    if spec.method == "entropy":
+        # ONNX Runtime's default histogram (128 bins) equals its 128 quantised bins, which leaves the KL
+        # search a single candidate - the full min-max range. 2048 bins is TensorRT's entropy calibrator's.
+        options["num_bins"] = ENTROPY_BINS
+        options["num_quantized_bins"] = 128
     with tempfile.TemporaryDirectory(prefix="edgeus-calib-") as tmp:
         calibrator = create_calibrator(Path(model_path), None, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                        calibrate_method=calibration_method(spec.method), extra_options=options)
-        calibrator.collect_data(calib.reader(input_name))
+        calibrator.collect_data(calib.reader(input_name, uniform=spec.method != "minmax"))
         data = calibrator.compute_data()
         del calibrator
     save_tensors_data(data, cache_path)

@@ -89,8 +89,9 @@ def _fold_bn(model: nn.Module) -> tuple[nn.Module, bool]:
 
     try:
         return fuse(copy.deepcopy(model).eval()), True
-    except Exception as e:  # untraceable forward: keep BN, frozen during QAT
-        log.info("QAT: conv+BN folding skipped (%s)", str(e).splitlines()[0][:120])
+    except Exception as e:  # noqa: BLE001 - torch.fx raises many types on an untraceable forward; handled on purpose
+        log.warning("QAT: conv+BN folding skipped, BatchNorm kept frozen instead (torch.fx: %s)",
+                    str(e).splitlines()[0][:120] if str(e) else type(e).__name__)
         return copy.deepcopy(model).eval(), False
 
 
