@@ -100,15 +100,22 @@ def test_killed_in_the_teacher_stage_resumes_to_the_same_ledger(tmp_path):
 
 @pytest.mark.slow
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
-    # each run stops in its teacher stage (a checkpoint that is not there): the directories are what counts
+    from edgeus.models import create_model
+    from edgeus.train.checkpoint import save_checkpoint
+
+    ckpt = tmp_path / "teacher.pt"     # a loaded teacher: the quickest complete run
+    save_checkpoint(ckpt, create_model("simple_cnn", num_classes=3, in_chans=1, width=0.25),
+                    classes=["normal", "benign", "malignant"],
+                    preprocessing={"image_size": 32, "in_chans": 1, "mean": [0.5], "std": [0.25]})
     procs = [subprocess.Popen([sys.executable, "-m", "edgeus.cli", "compress", *ARGS, "recipe.stages=[teacher]",
-                               f"teacher.checkpoint={tmp_path / 'none.pt'}", f"out_dir={tmp_path / 'runs'}"],
+                               f"teacher.checkpoint={ckpt}", f"out_dir={tmp_path / 'runs'}"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for _ in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-1000:] for o in outs]
     dirs = sorted((tmp_path / "runs").iterdir())
     assert len(dirs) == 2, outs
     for d in dirs:
-        assert (d / "config.yaml").is_file() and json.loads((d / "state.json").read_text())["done"] == []
+        assert json.loads((d / "state.json").read_text())["done"] == ["teacher"] and (d / "ledger.json").is_file()
 
 
 def test_exclusive_creation_refuses_a_taken_directory(tmp_path):
