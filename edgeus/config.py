@@ -77,6 +77,9 @@ class TrainConfig:
     out: Optional[str] = None         # checkpoint directory (default runs/train-<time>)
     checkpoint: Optional[str] = None  # start from this checkpoint instead of training from scratch
     grad_clip: Optional[float] = None
+    # which epoch to keep: val (train.metric on the val split) | agreement (balanced agreement with the
+    # teacher on train+val images, label-free; fine-tuning with a teacher only) | val+agreement (their mean)
+    select: str = "val"
 
 
 @dataclass
@@ -111,6 +114,9 @@ class RobustnessConfig:
 class TeacherConfig:
     checkpoint: Optional[str] = None   # load this teacher instead of training one
     train: Dict[str, Any] = field(default_factory=dict)  # overrides of train.* for the teacher
+    ensemble: int = 1                  # >1: train N teachers (seeds seed, seed+1, ...) and average their logits
+    members: List[str] = field(default_factory=list)  # or one teacher per architecture, e.g. [rsmas, resnet50]
+    student_from: Optional[str] = None  # ensemble: the member the student starts from (index or name; default 0)
 
 
 @dataclass

@@ -32,7 +32,10 @@ class Finetuner:
     ``ft(model, epochs, lr=None, out_dir=None, desc="finetune", trainable=None, use_teacher=True)``
     returns ``(model, report)``; ``report`` is a dict: ``epochs``, ``lr``, ``with_teacher``,
     ``best_epoch`` (1-based), ``best_metrics`` (validation metrics of the kept epoch),
-    ``best_path``, ``history``. ``trainable`` replaces the default trainable: a function
+    ``best_path``, ``history``, ``select`` (what picked the kept epoch, ``train.select``) and
+    ``best_agreement`` (the kept epoch's agreement with the teacher, see :func:`edgeus.train.trainer.agreement`;
+    each history row has ``val`` and, with a teacher, ``agreement``: it is recorded even when the
+    teacher does not drive the loss). ``trainable`` replaces the default trainable: a function
     ``(model, class_weights) -> trainable`` (for example network slimming's L1-regularised CE);
     the teacher is not used then. ``use_teacher=False`` trains with plain cross-entropy.
     """
@@ -78,7 +81,7 @@ class Finetuner:
         try:
             result = fit(wrapped, self.loaders, self.train_cfg, out_dir, classes=self.bundle.classes,
                          preprocessing=self.bundle.preprocessing, device=self.device, desc=desc, seed=self.seed,
-                         epochs=epochs, lr=lr)
+                         epochs=epochs, lr=lr, teacher=self.teacher)   # agreement is recorded whenever a teacher exists
         finally:
             close = getattr(wrapped, "close", None)
             if callable(close):
@@ -86,8 +89,15 @@ class Finetuner:
         report = {"epochs": int(self.train_cfg.epochs if epochs is None else epochs), "lr": lr,
                   "with_teacher": teacher is not None, "best_epoch": result.best_epoch,
                   "best_metrics": result.best_metrics, "best_path": str(result.best_path) if result.best_path else None,
-                  "history": result.history}
+                  "select": str(self.train_cfg.get("select") or "val") if self.teacher is not None else "val",
+                  "best_agreement": _kept(result, "agreement"), "history": result.history}
         return result.model, report
+
+
+def _kept(result, key: str):
+    """``key`` of the kept epoch's history row (None when no epoch ran or it was not recorded)."""
+    i = int(result.best_epoch) - 1
+    return result.history[i].get(key) if 0 <= i < len(result.history) else None
 
 
 def make_finetuner(cfg, bundle, teacher: nn.Module | None = None, device: str = "cpu", *,

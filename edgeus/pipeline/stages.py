@@ -79,6 +79,14 @@ def with_sections(cfg, **sections):
     return OmegaConf.merge(cfg, {k: v for k, v in sections.items()})
 
 
+def _student(ctx):
+    """The model a compression stage starts from: ``ctx.model``; after an ensemble teacher, a copy of
+    the member ``teacher.student_from`` names (default 0): the student keeps one model's cost."""
+    from edgeus.models.ensemble import student_member
+
+    return student_member(ctx.model, ctx.cfg.teacher.student_from)
+
+
 def _teacher_for_finetune(ctx):
     return ctx.teacher if ctx.cfg.compress.teacher_guided else None
 
@@ -128,7 +136,9 @@ def torch_result(ctx, out: Path, model, report: dict, stage: str, *, checkpoint:
 
 def stage_teacher(ctx, out: Path) -> StageResult:
     from edgeus import config as C
+    from edgeus.models.ensemble import student_member
     from edgeus.train.checkpoint import load_checkpoint
+    from edgeus.train.ensemble import ensemble_members, train_ensemble
     from edgeus.train.run import train_model
 
     cfg = ctx.cfg
@@ -137,6 +147,17 @@ def stage_teacher(ctx, out: Path) -> StageResult:
         check_teacher_checkpoint(cfg, ckpt, ctx.bundle.classes)
         shutil.copyfile(cfg.teacher.checkpoint, out / "model.pt")
         report = {"source": "loaded", "checkpoint": str(cfg.teacher.checkpoint)}
+    elif len(ensemble_members(cfg.teacher, cfg.model.name)) > 1:   # an ensemble teacher (averaged logits)
+        train = section(cfg.train, **{**dict(cfg.teacher.train or {}), "out": str(out / "train")})
+        model, report = train_ensemble(cfg.teacher, cfg.model, cfg.data, train, seed=int(cfg.seed),
+                                       out_dir=out / "train", bundle=ctx.bundle, device=ctx.device,
+                                       config_yaml=C.to_yaml(with_sections(cfg, train=train)))
+        student_member(model, cfg.teacher.student_from)    # a bad teacher.student_from fails now, not after training
+        res = torch_result(ctx, out, model, {"source": "trained", "epochs": int(train.epochs), **report}, "teacher",
+                           gated=False)
+        res.artifacts.update(teacher_model=res.checkpoint, teacher_onnx=res.onnx)
+        res.role = "teacher"
+        return res
     else:
         train = section(cfg.train, **{**dict(cfg.teacher.train or {}), "out": str(out / "train")})
         result, _ = train_model(cfg.model, cfg.data, train, seed=int(cfg.seed), out_dir=out / "train", bundle=ctx.bundle,
@@ -157,8 +178,9 @@ def stage_prune(ctx, out: Path) -> StageResult:
     from edgeus.prune import example_input, prune_model
 
     ft = make_finetuner(ctx.cfg, ctx.bundle, teacher=_teacher_for_finetune(ctx), device=ctx.device)
-    model, report = prune_model(ctx.model, ctx.cfg.prune, finetune=ft, loaders=ft.loaders, device=ctx.device,
-                                example_inputs=example_input(ctx.model, ctx.cfg.data.image_size, ctx.cfg.data.in_chans),
+    start = _student(ctx)
+    model, report = prune_model(start, ctx.cfg.prune, finetune=ft, loaders=ft.loaders, device=ctx.device,
+                                example_inputs=example_input(start, ctx.cfg.data.image_size, ctx.cfg.data.in_chans),
                                 out_dir=out, channel_multiple=ctx.cfg.target.channel_multiple)
     return torch_result(ctx, out, model, report, "prune")
 
@@ -170,7 +192,7 @@ def stage_distill(ctx, out: Path) -> StageResult:
     from edgeus.train.run import build_model
 
     cfg = ctx.cfg
-    student = ctx.model
+    student = _student(ctx)
     if cfg.distill.student:
         from edgeus.train.checkpoint import load_checkpoint
 
@@ -200,7 +222,7 @@ def stage_decompose(ctx, out: Path) -> StageResult:
     from edgeus.finetune import make_finetuner
 
     ft = make_finetuner(ctx.cfg, ctx.bundle, teacher=_teacher_for_finetune(ctx), device=ctx.device)
-    model, report = decompose_model(ctx.model, ctx.cfg.decompose, image_size=ctx.cfg.data.image_size,
+    model, report = decompose_model(_student(ctx), ctx.cfg.decompose, image_size=ctx.cfg.data.image_size,
                                     in_chans=ctx.cfg.data.in_chans, finetune=ft,
                                     calib_loader=ft.loaders["train_plain"], device=ctx.device, out_dir=out,
                                     channel_multiple=ctx.cfg.target.channel_multiple)
@@ -212,6 +234,12 @@ def stage_export(ctx, out: Path) -> StageResult:
     """The student's FP32 ONNX: the export its torch stage already made (and parity-checked)."""
     import json
 
+    from edgeus.models.ensemble import is_ensemble
+
+    if is_ensemble(ctx.model):
+        raise EdgeusError("the student would be the whole ensemble teacher: with teacher.ensemble>1 or "
+                          "teacher.members the recipe needs a prune, decompose or distill stage (the student "
+                          "starts from one member, teacher.student_from)")
     src = Path(ctx.need("onnx", "teacher"))
     path = out / "student.fp32.onnx"
     shutil.copyfile(src, path)

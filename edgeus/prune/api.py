@@ -44,6 +44,13 @@ def prune_model(model: nn.Module, pcfg, *, example_inputs: torch.Tensor, finetun
     from edgeus.prune.structured import prune_structured
     from edgeus.prune.unstructured import prune_unstructured
 
+    from edgeus.models.ensemble import is_ensemble
+
+    if is_ensemble(model):
+        from edgeus.errors import EdgeusError
+
+        raise EdgeusError("pruning an ensemble teacher makes no sense (the student must keep one model's cost): "
+                          "prune one member (edgeus.models.ensemble.student_member, teacher.student_from=<index>)")
     methods = parse_methods(pcfg.method)
     model = copy.deepcopy(model).to("cpu")
     example = example_inputs

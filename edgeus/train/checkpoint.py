@@ -98,7 +98,7 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 def build_from_checkpoint(ckpt: dict) -> nn.Module:
-    from edgeus.models import create_model
+    from edgeus.models import create_model, ensemble
     from edgeus.models.structure import replay
 
     arch = ckpt.get("arch")
@@ -106,8 +106,11 @@ def build_from_checkpoint(ckpt: dict) -> nn.Module:
         raise CheckpointError("the checkpoint does not say which architecture it holds (no arch.name); "
                               "it was not written by edgeus.train.save_checkpoint")
     try:
-        model = create_model(arch["name"], num_classes=int(arch["num_classes"]), in_chans=int(arch["in_chans"]),
-                             width=float(arch["width"]), **dict(arch.get("kwargs") or {}))
+        if arch["name"] == ensemble.NAME:   # an ensemble teacher: its members' archs are in kwargs.members
+            model = ensemble.from_arch(arch)
+        else:
+            model = create_model(arch["name"], num_classes=int(arch["num_classes"]), in_chans=int(arch["in_chans"]),
+                                 width=float(arch["width"]), **dict(arch.get("kwargs") or {}))
     except KeyError as e:
         what = str(e.args[0]) if e.args else "?"
         if what.strip("'\"") in ("num_classes", "in_chans", "width"):

@@ -82,6 +82,54 @@ def metric_value(metrics: dict, name: str) -> float:
     return float(v)
 
 
+SELECT = ("val", "agreement", "val+agreement")
+
+
+def agreement(teacher_pred, student_pred, classes) -> dict:
+    """Label-free agreement of a student with its teacher: ``per_class[c]`` is the fraction of the
+    images the teacher calls ``c`` that the student calls ``c`` too (None when the teacher calls none
+    ``c``); ``balanced`` their mean (each class counts alike, so a minority class is not drowned);
+    ``overall`` the plain fraction of images on which both agree; ``n`` the number of images."""
+    import numpy as np
+
+    t, s = np.asarray(teacher_pred), np.asarray(student_pred)
+    per = {}
+    for i, c in enumerate(classes):
+        m = t == i
+        per[str(c)] = float((s[m] == i).mean()) if m.any() else None
+    seen = [v for v in per.values() if v is not None]
+    return {"balanced": float(np.mean(seen)) if seen else 0.0, "overall": float((t == s).mean()) if len(t) else 0.0,
+            "per_class": per, "n": int(len(t))}
+
+
+def selection_score(select: str, val: dict, agree: dict | None, metric: str) -> float:
+    """The number ``fit`` maximises to keep an epoch (see ``train.select``)."""
+    if select not in SELECT:
+        raise ValueError(f"train.select={select}: use one of {', '.join(SELECT)}")
+    if select == "val" or agree is None:
+        return metric_value(val, metric)
+    if select == "agreement":
+        return float(agree["balanced"])
+    return 0.5 * (metric_value(val, metric) + float(agree["balanced"]))
+
+
+def _agreement_sets(loaders: dict) -> list:
+    """All non-test images without augmentation: the plain train split and the val split."""
+    return [loaders[k] for k in ("train_plain", "val") if loaders.get(k) is not None]
+
+
+def _predicted(model, loaders: list, device: str):
+    """Predicted classes over ``loaders``; the global RNG is left as it was (iterating a loader draws
+    a seed from it), so recording agreement never changes the training that follows."""
+    import numpy as np
+
+    state = torch.random.get_rng_state()
+    try:
+        return np.concatenate([predict_torch(model, ld, device)[1].argmax(1) for ld in loaders])
+    finally:
+        torch.random.set_rng_state(state)
+
+
 def _to(batch: dict, device: str) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
@@ -186,8 +234,16 @@ def _train_epoch(model, loader, opt, sched, params: list, train_cfg, *, device: 
 
 def fit(trainable, loaders: dict, train_cfg, out_dir: str | Path | None, *, classes, preprocessing,
         device: str = "cpu", config_yaml: str | None = None, desc: str = "train", seed: int = 0,
-        epochs: int | None = None, lr: float | None = None) -> FitResult:
-    """Train, validate each epoch on ``loaders['val']``, keep the best student (in memory and on disk)."""
+        epochs: int | None = None, lr: float | None = None, teacher: nn.Module | None = None) -> FitResult:
+    """Train, validate each epoch on ``loaders['val']``, keep the best student (in memory and on disk).
+
+    With a ``teacher`` each epoch also records the student's agreement with it (:func:`agreement`) on
+    every non-test image (``train_plain`` and ``val``), and ``train.select`` chooses what picks the
+    kept epoch: ``val`` (``train.metric`` on val), ``agreement`` (balanced agreement) or
+    ``val+agreement`` (their mean). Without a teacher the val metric picks."""
+    select = str(getattr(train_cfg, "select", None) or "val")
+    if select not in SELECT:
+        raise ValueError(f"train.select={select}: use one of {', '.join(SELECT)}")
     torch.manual_seed(seed)
     epochs = int(train_cfg.epochs if epochs is None else epochs)
     lr = float(train_cfg.lr if lr is None else lr)
@@ -208,6 +264,12 @@ def fit(trainable, loaders: dict, train_cfg, out_dir: str | Path | None, *, clas
         model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     history, best, best_state, best_epoch = pg.history, pg.best, pg.best_state, pg.best_epoch
     best_metrics = history[best_epoch]["val"] if 0 <= best_epoch < len(history) else {}
+    agree_sets, teacher_pred = [], None
+    if teacher is not None and D.is_main() and pg.start_epoch < epochs:
+        agree_sets = _agreement_sets(loaders)
+        teacher.eval()
+        with torch.no_grad():
+            teacher_pred = _predicted(teacher, agree_sets, device)   # the teacher is frozen: once per fit
     for epoch in range(pg.start_epoch, epochs):
         t0 = time.time()
         _start_epoch(trainable, loaders, seed, epoch)
@@ -217,8 +279,14 @@ def fit(trainable, loaders: dict, train_cfg, out_dir: str | Path | None, *, clas
             y, p = predict_torch(trainable.student, loaders["val"], device)
             val = compute_metrics(y, p, classes)
             row["val"] = val
+            agree = None
+            if teacher_pred is not None:
+                with torch.no_grad():
+                    agree = agreement(teacher_pred, _predicted(trainable.student, agree_sets, device), classes)
+                row["agreement"] = agree
             row["seconds"] = round(time.time() - t0, 2)
-            score = metric_value(val, train_cfg.metric)
+            score = selection_score(select, val, agree, train_cfg.metric)
+            row["select"] = {"by": select if agree is not None else "val", "score": score}
             improved = score > best
             if improved:
                 best, best_epoch, best_metrics = score, epoch, val
@@ -227,9 +295,10 @@ def fit(trainable, loaders: dict, train_cfg, out_dir: str | Path | None, *, clas
                     save_checkpoint(out / "best.pt", trainable.student, classes=classes, preprocessing=preprocessing,
                                     config=config_yaml, metrics={"val": val, "epoch": epoch + 1})
             history.append(row)
-            log.info("%s epoch %d/%d  loss %.4f  train acc %.3f  val acc %.3f  val %s %.4f%s", desc, epoch + 1, epochs,
-                     sum(row["loss"].values()), row["train_acc"], val["accuracy"], train_cfg.metric,
-                     metric_value(val, train_cfg.metric), "  *best*" if improved else "")
+            log.info("%s epoch %d/%d  loss %.4f  train acc %.3f  val acc %.3f  val %s %.4f%s%s", desc, epoch + 1,
+                     epochs, sum(row["loss"].values()), row["train_acc"], val["accuracy"], train_cfg.metric,
+                     metric_value(val, train_cfg.metric),
+                     f"  agreement {agree['balanced']:.3f}" if agree is not None else "", "  *best*" if improved else "")
             if out:
                 atomic_save({"desc": desc, "arch": getattr(trainable.student, "edgeus_arch", None),
                              "trainable": trainable.state_dict(), "optimizer": opt.state_dict(),
