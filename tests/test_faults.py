@@ -280,6 +280,8 @@ def test_a_failed_gate_stays_failed_on_resume_and_ships_nothing(tmp_path, monkey
     for extra in ([], ["stages=[package]"], ["stages=[export,quantize,package]"]):
         assert main(["compress", f"resume={run}", *extra]) == 3
         assert not (run / "04-package" / "bundle").exists()
+    assert main(["package", str(run), f"out={tmp_path / 'fw'}"]) == 3       # nor through edgeus package
+    assert not (tmp_path / "fw").exists()
     monkeypatch.undo()        # the gates as configured; a resume that changes prune's settings re-runs it
     assert main(["compress", f"resume={run}", "prune.finetune_epochs=2"]) == 0
     state = json.loads((run / "state.json").read_text())

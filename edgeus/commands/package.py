@@ -58,6 +58,15 @@ def run(cfg, args):
     if not out:
         raise EdgeusError("say where the bundle goes: out=<bundle_dir>")
     run_dir = args[0] if args else None
+    if run_dir:
+        from edgeus.errors import GateError
+        from edgeus.pipeline import gates as G
+        from edgeus.pipeline.runner import failed_gates
+
+        failed = failed_gates(run_dir)
+        if failed:
+            raise GateError(f"{run_dir} failed {len(failed)} enforced clinical gate(s), so it is not packaged: "
+                            + "; ".join(G.describe(g) for g in failed[:3]))
     path = package(run_dir, out, cfg.package, target=cfg.target, build_cfg=cfg.build,
                    data=_golden_data(cfg, run_dir),
                    data_preprocessing={k: list(cfg.data[k]) for k in ("mean", "std")}, seed=cfg.seed,

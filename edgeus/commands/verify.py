@@ -4,7 +4,7 @@
     edgeus verify firmware/as_classifier_v3.tar.gz --key keys/edgeus.pub
     edgeus verify firmware/as_classifier_v3 --allow-extra
 
-Fails (exit status 1) on a missing, truncated or modified file; a file present but not listed in the
+Fails (exit status 5) on a missing, truncated or modified file; a file present but not listed in the
 manifest (unless --allow-extra); a path in the manifest that is not listed or points outside the
 bundle; an empty file table; an archive too large or with too many members; an unsupported manifest
 schema; with --key, an unsigned bundle or a signature that does not match (Ed25519, PEM public key from
@@ -51,4 +51,6 @@ def run(cfg, args):
     for e in r["errors"]:
         print(f"FAIL  {e}")
     print(f"{bundle}: {'verified' if r['ok'] else 'NOT verified'}")
-    return 0 if r["ok"] else 1
+    from edgeus.errors import EXIT_VERIFY
+
+    return 0 if r["ok"] else EXIT_VERIFY

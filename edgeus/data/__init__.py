@@ -56,7 +56,9 @@ def _decode_mask(paths: list[str], size: int) -> np.ndarray | None:
 def load_images(src: readers.Source, size: int, desc: str = "loading images") -> tuple[Images, list[tuple[str, str]]]:
     """Decode every image once; unreadable files are skipped and returned as (path, reason)."""
     pix, masks, has, labels, ids, groups, skipped = [], [], [], [], [], [], []
-    for i, path in enumerate(tqdm(src.paths, desc=desc, unit="img", leave=False, disable=len(src.paths) < 200)):
+    bar = tqdm(src.paths, desc=desc, unit="img", leave=False,
+               disable=len(src.paths) < 200 or None)       # None: only on a terminal
+    for i, path in enumerate(bar):
         try:
             img = _decode(path, size)
         except Exception as e:

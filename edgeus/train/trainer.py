@@ -206,7 +206,7 @@ def _train_epoch(model, loader, opt, sched, params: list, train_cfg, *, device: 
     totals: dict[str, float] = {}
     correct = seen = 0
     bar = tqdm(loader, total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{epochs}", leave=False,
-               disable=not D.is_main(), dynamic_ncols=True)
+               disable=(not D.is_main()) or None, dynamic_ncols=True)  # None: only on a terminal
     for step, batch in enumerate(bar):
         if step >= steps_per_epoch:
             break
