@@ -600,3 +600,30 @@ def test_two_stage_published_loads_torchvision_densenet_and_prunes_consistently(
     assert all(n.startswith("classifier.classifier.") for n, p in pruned.named_parameters() if p.requires_grad)
     x = torch.randn(2, 1, SIZE, SIZE)
     assert _export_parity(pruned.eval(), x) < 1e-4
+
+
+def test_dice_and_iou_per_image_and_mean():
+    from edgeus.segmentation import dice_iou, evaluate_segmentation
+
+    t = torch.zeros(3, 1, 4, 4, dtype=torch.bool)
+    t[0, 0, :2, :2] = True                       # 4 pixels
+    p = torch.zeros_like(t)
+    p[0, 0, :2, :1] = True                       # 2 of them: Dice 2*2/6, IoU 2/4
+    p[2, 0, 0, 0] = True                         # image 1: both empty -> 1; image 2: only the prediction -> 0
+    d, i = dice_iou(p, t)
+    torch.testing.assert_close(d, torch.tensor([4 / 6, 1.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(i, torch.tensor([0.5, 1.0, 0.0], dtype=torch.float64))
+
+    class Oracle(nn.Module):                    # "segments" by returning the mask it is shown as the image
+        def segment(self, x):
+            return (x > 0).float()
+
+    batch = {"image": torch.where(t, 1.0, -1.0).float(), "mask": t.float(),
+             "has_mask": torch.tensor([True, True, False]), "index": torch.arange(3)}
+    res = evaluate_segmentation(Oracle(), [batch])
+    assert res["n"] == 2 and res["dice_mean"] == 1.0 and res["iou_mean"] == 1.0
+    assert [r["index"] for r in res["per_image"]] == [0, 1]
+    m = create_model("two_stage", width=0.125, classifier="simple_cnn")
+    big = {**batch, "image": torch.randn(3, 1, SIZE, SIZE), "mask": torch.rand(3, 1, SIZE, SIZE).round()}
+    out = evaluate_segmentation(m, [big])
+    assert out["n"] == 2 and 0.0 <= out["dice_mean"] <= 1.0 and m.training
