@@ -33,6 +33,7 @@ class Finetuner:
     returns ``(model, report)``; ``report`` is a dict: ``epochs``, ``lr``, ``with_teacher``,
     ``best_epoch`` (1-based), ``best_metrics`` (validation metrics of the kept epoch),
     ``best_path``, ``history``, ``select`` (what picked the kept epoch, ``train.select``) and
+    ``signals`` (both signals of every epoch, compact: :func:`signals`),
     ``best_agreement`` (the kept epoch's agreement with the teacher, see :func:`edgeus.train.trainer.agreement`;
     each history row has ``val`` and, with a teacher, ``agreement``: it is recorded even when the
     teacher does not drive the loss). ``trainable`` replaces the default trainable: a function
@@ -90,8 +91,28 @@ class Finetuner:
                   "with_teacher": teacher is not None, "best_epoch": result.best_epoch,
                   "best_metrics": result.best_metrics, "best_path": str(result.best_path) if result.best_path else None,
                   "select": str(self.train_cfg.get("select") or "val") if self.teacher is not None else "val",
-                  "best_agreement": _kept(result, "agreement"), "history": result.history}
+                  "best_agreement": _kept(result, "agreement"), "signals": signals(result.history, self.train_cfg.metric),
+                  "history": result.history}
         return result.model, report
+
+
+def signals(history: list, metric: str) -> list[dict]:
+    """Both selection signals of every epoch, compact (for stage reports): ``val`` (``train.metric``
+    on the val split), ``val_accuracy``, ``agreement`` (balanced agreement with the teacher on
+    train+val, None without a teacher) and ``agreement_per_class``."""
+    rows = []
+    for h in history:
+        agree = h.get("agreement") or {}
+        val = h.get("val") or {}
+        rows.append({"epoch": h.get("epoch"), "val": _num(val.get(metric) if not metric.startswith("recall:")
+                                                          else (val.get("recall") or {}).get(metric.split(":", 1)[1])),
+                     "val_accuracy": _num(val.get("accuracy")), "agreement": _num(agree.get("balanced")),
+                     "agreement_per_class": agree.get("per_class")})
+    return rows
+
+
+def _num(v):
+    return None if v is None else round(float(v), 4)
 
 
 def _kept(result, key: str):

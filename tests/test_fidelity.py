@@ -167,3 +167,21 @@ def test_compress_with_an_ensemble_teacher(tmp_path):
     pruned, _ = load_checkpoint(next(run.glob("*prune/model.pt")))
     assert not is_ensemble(pruned)
     assert result["ledger"]
+
+
+def test_prune_report_carries_both_signals_per_epoch(small_bundle):
+    from edgeus.finetune import make_finetuner
+    from edgeus.prune import example_input, prune_model
+
+    torch.manual_seed(0)
+    teacher = create_model("simple_cnn", num_classes=3, in_chans=1, width=0.5).eval()
+    cfg = make_cfg("model.width=0.5", "prune.target_macs=0.5", "prune.finetune_epochs=2",
+                   "train.select=val+agreement")
+    ft = make_finetuner(cfg, small_bundle, teacher=teacher)
+    _, rep = prune_model(teacher, cfg.prune, finetune=ft, loaders=ft.loaders,
+                         example_inputs=example_input(teacher, 32, 1))
+    fin = rep["structured"]["finetune"]
+    assert fin["select"] == "val+agreement" and [s["epoch"] for s in fin["signals"]] == [1, 2]
+    assert all(0.0 <= s["agreement"] <= 1.0 and s["val"] is not None for s in fin["signals"])
+    assert set(fin["signals"][0]["agreement_per_class"]) == set(small_bundle.classes)
+    json.dumps(rep)                                  # the stage's report.json

@@ -217,6 +217,8 @@ def decompose_model(model: nn.Module, dcfg, *, example_inputs: torch.Tensor | No
         report["finetune"] = {"epochs": epochs, "lr": dcfg.lr, "teacher": bool(result["with_teacher"]),
                               "best_epoch": int(result["best_epoch"]),
                               "best_metrics": _jsonable(result["best_metrics"])}
+        if result.get("signals"):   # the kept epoch's pick (train.select), each epoch's val metric and teacher agreement
+            report["finetune"].update(select=result.get("select"), signals=_jsonable(result["signals"]))
     else:
         report["finetune"] = None
     model.to(device)

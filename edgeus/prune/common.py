@@ -66,5 +66,8 @@ def run_finetune(model: nn.Module, finetune: Callable | None, epochs: int, out_d
     extra = {} if use_teacher else {"use_teacher": False}   # the contract's keywords, plus this one only when needed
     model, res = finetune(model, epochs=int(epochs), out_dir=sub, desc=desc, lr=lr, **extra)
     model.to("cpu")
-    return model, {"epochs": int(epochs), "with_teacher": bool(res.get("with_teacher")), "best_epoch": res.get("best_epoch"),
-                   "val": summary(res.get("best_metrics"))}
+    row = {"epochs": int(epochs), "with_teacher": bool(res.get("with_teacher")), "best_epoch": res.get("best_epoch"),
+           "val": summary(res.get("best_metrics"))}
+    if res.get("signals"):   # the kept epoch's pick (train.select) and each epoch's val metric and teacher agreement
+        row.update(select=res.get("select"), signals=res.get("signals"))
+    return model, row
