@@ -5,7 +5,13 @@
     edgeus quantize student.onnx quantize.calibration=balanced_256 quantize.method=percentile
     edgeus quantize student.onnx quantize.checkpoint=student.pt quantize.qat=auto
 
-The Q/DQ layout comes from the target file (targets/<name>.yaml, quant:), never the recipe.
+The Q/DQ layout comes from the target file (targets/<name>.yaml, quant:), never the recipe; the target
+states the ISA it runs on (quant.isa): target=cpu (any x86/Arm; 7-bit weights so ONNX Runtime's AVX2
+kernel cannot saturate), target=cpu_vnni (full-range U8S8, VNNI servers), TensorRT targets (Q/DQ on
+weighted-op inputs and residual-add skips only). The host's ISA is detected and recorded; accuracy is
+measured the way the target computes it, with a warning where this host cannot run the target's kernels.
+Besides val accuracy and every class's recall, INT8 must agree with FP32 on every non-test image
+(quantize.min_agreement, quantize.max_class_flip_rate).
 Calibration images come from the train split only (calibration/<spec>.yaml: size, balance, seed,
 method); their file list and hash are written next to the output. INT8 is compared with FP32 on the
 val split; when accuracy drops more than quantize.max_accuracy_drop or any class's recall more than
