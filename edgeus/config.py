@@ -345,7 +345,7 @@ _RANGES = [
     ("bench.iters", 1, None, True, True, False), ("bench.warmup", 0, None, True, True, False),
     ("bench.block", 1, None, True, True, False), ("bench.threads", 1, None, True, True, True),
     ("package.golden", 1, None, True, True, False), ("package.atol", 0, None, True, True, False),
-    ("package.int8_atol", 0, None, True, True, False),
+    ("package.int8_atol", 0, None, True, True, False), ("teacher.ensemble", 1, None, True, True, False),
 ]
 
 # the smallest input a model of the zoo takes (measured: a forward pass at width 0.25 fails below it)
@@ -387,6 +387,9 @@ def validate(cfg) -> DictConfig:
     strengths = OmegaConf.select(cfg, "robustness.strengths", default=None)
     if strengths is not None and any(float(x) < 0 for x in strengths):
         problems.append(f"robustness.strengths={list(strengths)}: must be >= 0")
+    select = OmegaConf.select(cfg, "train.select", default=None)
+    if select is not None and select not in ("val", "agreement", "val+agreement"):
+        problems.append(f"train.select={select}: use val, agreement or val+agreement")
     name = OmegaConf.select(cfg, "model.name", default=None)
     size = OmegaConf.select(cfg, "data.image_size", default=None)
     need = MIN_IMAGE_SIZE.get(str(name))

@@ -185,3 +185,18 @@ def test_prune_report_carries_both_signals_per_epoch(small_bundle):
     assert all(0.0 <= s["agreement"] <= 1.0 and s["val"] is not None for s in fin["signals"])
     assert set(fin["signals"][0]["agreement_per_class"]) == set(small_bundle.classes)
     json.dumps(rep)                                  # the stage's report.json
+
+
+def test_bad_selection_or_ensemble_settings_are_refused_up_front():
+    from edgeus.config import ConfigError, validate
+    from edgeus.errors import UsageError
+    from edgeus.train.ensemble import ensemble_members
+
+    with pytest.raises(ConfigError, match="train.select=vote"):
+        validate(make_cfg("train.select=vote"))
+    with pytest.raises(ConfigError, match="teacher.ensemble=0"):
+        validate(make_cfg("teacher.ensemble=0"))
+    assert ensemble_members(make_cfg("teacher.ensemble=3").teacher, "rsmas") == ["rsmas"] * 3
+    assert ensemble_members(make_cfg("teacher.members=[rsmas,resnet50]").teacher, "rsmas") == ["rsmas", "resnet50"]
+    with pytest.raises(UsageError, match="teacher.members lists 2"):
+        ensemble_members(make_cfg("teacher.ensemble=3", "teacher.members=[rsmas,resnet50]").teacher, "rsmas")
