@@ -627,3 +627,35 @@ def test_dice_and_iou_per_image_and_mean():
     big = {**batch, "image": torch.randn(3, 1, SIZE, SIZE), "mask": torch.rand(3, 1, SIZE, SIZE).round()}
     out = evaluate_segmentation(m, [big])
     assert out["n"] == 2 and 0.0 <= out["dice_mean"] <= 1.0 and m.training
+
+
+@pytest.mark.parametrize("name", ["two_stage", "two_stage_published"])
+def test_two_stage_exports_the_mask_as_a_second_onnx_output(name):
+    import io
+    import warnings
+
+    from edgeus.models.two_stage import WithMask
+    from edgeus.onnx.session import session
+
+    torch.manual_seed(0)
+    kw = {"classifier": "simple_cnn"} if name == "two_stage" else {}
+    m = create_model(name, num_classes=3, width=0.125, **kw).eval()
+    wrapped = WithMask(m).eval()
+    x = torch.randn(2, 1, SIZE, SIZE)
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapped, (x,), f, opset_version=17, dynamo=False, input_names=["image"],
+                          output_names=["logits", "mask"],
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "mask": {0: "batch"}})
+    sess = session(f.getvalue(), threads=1)
+    assert [o.name for o in sess.get_outputs()] == ["logits", "mask"]
+    logits, mask = sess.run(None, {"image": x.numpy()})
+    with torch.no_grad():
+        ref_logits, ref_mask = wrapped(x)
+    np.testing.assert_allclose(logits, ref_logits.numpy(), atol=1e-4)
+    np.testing.assert_allclose(mask, ref_mask.numpy(), atol=1e-5)
+    torch.testing.assert_close(ref_mask, m.segment(x))
+    assert mask.shape == (2, 1, SIZE, SIZE)
+    with pytest.raises(ValueError, match="segmenter"):
+        WithMask(create_model("two_stage_published", width=0.125, inputs="image"))

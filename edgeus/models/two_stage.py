@@ -15,7 +15,9 @@ torchvision ImageNet weights load into it unchanged (``pretrained_target = "clas
 
 ``forward(x)`` returns class logits only (ONNX export and every compression stage see a plain
 classifier) and keeps the mask logits of that pass in ``self.last_mask_logits``;
-``segment(x)`` returns mask probabilities.
+``segment(x)`` returns mask probabilities; ``WithMask(model)`` returns both from one pass (an ONNX
+graph with the mask as a second output). ``two_stage_published`` (below) is seed 001 as published:
+the U-Net trained first, then a frozen DenseNet-201 with 3 x FC-64.
 """
 from __future__ import annotations
 
@@ -120,6 +122,23 @@ class TwoStage(nn.Module):
             target = F.interpolate(target, size=lg.shape[-2:], mode="nearest")
         loss = F.binary_cross_entropy_with_logits(lg, target) + dice_loss(lg, target)
         return {"seg": self.seg_weight * loss}
+
+
+class WithMask(nn.Module):
+    """``(logits, mask probabilities)`` of a two-stage model in one pass, for an ONNX graph with the mask as a
+    second output (``output_names=["logits", "mask"]``) that firmware can show beside the class.
+
+    One U-Net pass: the mask the classifier saw is the mask returned."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if getattr(model, "segmenter", None) is None:
+            raise ValueError(f"{type(model).__name__} has no segmenter: nothing to return as a mask")
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(x)
+        return logits, torch.sigmoid(self.model.last_mask_logits)
 
 
 @register_model
