@@ -659,3 +659,15 @@ def test_two_stage_exports_the_mask_as_a_second_onnx_output(name):
     assert mask.shape == (2, 1, SIZE, SIZE)
     with pytest.raises(ValueError, match="segmenter"):
         WithMask(create_model("two_stage_published", width=0.125, inputs="image"))
+
+
+def test_cp_ranks_follow_a_targets_channel_multiple():
+    from edgeus.decompose import decompose_model
+
+    torch.manual_seed(0)
+    model = create_model("dsc_sta", num_classes=3, width=0.5).eval()
+    cfg = make_cfg("decompose.method=cp", "decompose.rank_mode=ratio", "decompose.ratio=0.5", "decompose.cp_iters=3",
+                   "decompose.finetune_epochs=0", "decompose.pointwise=false", "decompose.linear=false")
+    _, rep = decompose_model(model, cfg.decompose, image_size=SIZE, in_chans=1, channel_multiple=8)
+    cps = [e for e in rep["layers"] if e["type"] == "cp"]
+    assert cps and all(e["ranks"][0] % 8 == 0 and e["ranks"][0] >= 8 for e in cps)

@@ -126,11 +126,23 @@ def cp_layer(layer, tucker_ranks, cfg) -> tuple[nn.Sequential | None, dict]:
     its Tucker-2 ``tucker_ranks``. Returns ``(replacement or None when no rank fits, info)``; ``info``
     has ``ranks``, ``rel_error``, ``macs`` and ``spec`` (the structure record)."""
     budget = layer.macs_at(tucker_ranks)
-    mult = int(getattr(cfg, "rank_multiple", 1) or 1)
+    # the rank rules of Tucker-2's modes (edgeus.decompose.layers.Layer.allowed_ranks): a target's channel
+    # multiple (then at least it), else decompose.rank_multiple where the layer is wide enough for it;
+    # never below decompose.min_rank
+    target = int(getattr(cfg, "channel_multiple", None) or 1)
+    if target > 1:
+        mult = floor = target
+    else:
+        mult = max(1, int(getattr(cfg, "rank_multiple", 1) or 1))
+        mult = mult if min(layer.c_in, layer.c_out) >= 4 * mult else 1
+        floor = 1
+    floor = max(floor, int(getattr(cfg, "min_rank", 1) or 1))
     r = cp_rank_for_macs(layer.c_in, layer.c_out, layer.kernel, layer.in_hw, layer.out_hw, budget,
                          bias=layer.bias, multiple=mult)
-    if r < 1:
-        return None, {"ranks": [0], "macs": layer.macs, "reason": "no CP rank fits the Tucker-2 layer's MACs"}
+    if r < max(1, floor):
+        return None, {"ranks": [r], "macs": layer.macs,
+                      "reason": f"no CP rank of at least {max(1, floor)} (in steps of {mult}) fits the Tucker-2 "
+                                "layer's MACs"}
     new, info = cp_decompose(layer.module, r, iters=int(getattr(cfg, "cp_iters", 25)))
     info["macs"] = cp_macs(layer.c_in, layer.c_out, r, layer.kernel, layer.in_hw, layer.out_hw, bias=layer.bias)
     info["spec"] = {"type": "cp", "ranks": [r], "tucker_ranks": [int(v) for v in tucker_ranks]}
