@@ -143,7 +143,8 @@ def test_recording_agreement_leaves_training_unchanged(small_bundle):
     for t in (None, teacher):
         torch.manual_seed(1)
         student = create_model("simple_cnn", num_classes=3, in_chans=1, width=0.25)
-        model, _ = make_finetuner(make_cfg(), small_bundle, teacher=t)(student, epochs=2, use_teacher=False)
+        model, _ = make_finetuner(make_cfg("train.select=val"), small_bundle, teacher=t)(student, epochs=2,
+                                                                                        use_teacher=False)
         states.append(model.state_dict())
         states.append(torch.random.get_rng_state())
     assert all(torch.equal(states[0][k], states[2][k]) for k in states[0])
@@ -185,6 +186,11 @@ def test_prune_report_carries_both_signals_per_epoch(small_bundle):
     assert all(0.0 <= s["agreement"] <= 1.0 and s["val"] is not None for s in fin["signals"])
     assert set(fin["signals"][0]["agreement_per_class"]) == set(small_bundle.classes)
     json.dumps(rep)                                  # the stage's report.json
+
+
+def test_selection_default_is_val_plus_agreement():
+    # chosen by bench/select_agreement.py (see the comment at train.select in edgeus/config.py)
+    assert make_cfg().train.select == "val+agreement"
 
 
 def test_bad_selection_or_ensemble_settings_are_refused_up_front():
