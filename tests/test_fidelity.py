@@ -206,3 +206,18 @@ def test_bad_selection_or_ensemble_settings_are_refused_up_front():
     assert ensemble_members(make_cfg("teacher.members=[rsmas,resnet50]").teacher, "rsmas") == ["rsmas", "resnet50"]
     with pytest.raises(UsageError, match="teacher.members lists 2"):
         ensemble_members(make_cfg("teacher.ensemble=3", "teacher.members=[rsmas,resnet50]").teacher, "rsmas")
+
+
+def test_feature_distillation_from_an_ensemble_needs_named_member_modules():
+    from edgeus.distill import build_distiller
+
+    ens, _, _ = _pair()
+    student = create_model("simple_cnn", num_classes=3, in_chans=1, width=0.25)
+    build_distiller(student, ens, make_cfg("distill.losses=[ce,kd]").distill)        # logits: fine
+    with pytest.raises(EdgeusError, match="no single feature map"):
+        build_distiller(student, ens, make_cfg("distill.losses=[ce,fitnet]").distill)
+    name = [n for n, m in ens.members[0].named_modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    s_name = [n for n, m in student.named_modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    d = build_distiller(student, ens, make_cfg("distill.losses=[ce,fitnet]",
+                                               f"distill.pairs=[[members.0.{name},{s_name}]]").distill)
+    d.close()

@@ -91,6 +91,13 @@ def build_distiller(student: nn.Module, teacher: nn.Module, distill_cfg=None, cl
             if raw:
                 names = validate_pairs(teacher, student, raw)
             else:
+                from edgeus.models.ensemble import is_ensemble
+
+                if is_ensemble(teacher):   # whose features? averaged logits have no single feature map
+                    raise EdgeusError(
+                        f"distill.losses={list(weights)}: an ensemble teacher has no single feature map to "
+                        "distil; use logit losses (kd, dkd) or name the member's module in distill.pairs, "
+                        "e.g. distill.pairs=[[members.0.<module>,<student module>]]")
                 names = [(default_feature_module(teacher, example), default_feature_module(student, example))]
             t_shapes, t_logits = _probe_shapes(teacher, [t for t, _ in names], example)
             s_shapes, s_logits = _probe_shapes(student, [s for _, s in names], example)
