@@ -671,3 +671,26 @@ def test_cp_ranks_follow_a_targets_channel_multiple():
     _, rep = decompose_model(model, cfg.decompose, image_size=SIZE, in_chans=1, channel_multiple=8)
     cps = [e for e in rep["layers"] if e["type"] == "cp"]
     assert cps and all(e["ranks"][0] % 8 == 0 and e["ranks"][0] >= 8 for e in cps)
+
+
+def test_two_stage_published_ground_truth_ablation_trains_through_wrapped_loaders():
+    from edgeus.data import build_datasets, build_loaders
+    from edgeus.models.two_stage import ground_truth_loaders
+    from edgeus.train.trainer import Supervised, fit
+
+    cfg = make_cfg("data.image_size=32", "data.n_per_class=8", "data.batch_size=8", "train.epochs=1")
+    bundle = build_datasets(cfg.data)
+    loaders = ground_truth_loaders(build_loaders(bundle, cfg.data))
+    batch = next(iter(loaders["val"]))
+    assert batch["image"].shape[1] == 2 and torch.equal(batch["image"][:, 1:], batch["mask"])
+    assert len(loaders["train"]) == len(build_loaders(bundle, cfg.data)["train"])
+    torch.manual_seed(0)
+    m = create_model("two_stage_published", num_classes=3, width=0.125, inputs="ground_truth")
+    assert m.segmenter is None
+    x = batch["image"]
+    inp = m.stage2_input(x)
+    assert torch.equal(inp[:, 1], batch["mask"][:, 0]) and torch.equal(inp[:, 2], batch["mask"][:, 0])
+    res = fit(Supervised(m), loaders, cfg.train, None, classes=bundle.classes, preprocessing=bundle.preprocessing)
+    assert res.best_metrics["n"] == len(bundle.val)
+    with pytest.raises(ValueError, match="ground_truth_loaders"):
+        m(batch["image"][:, :1])

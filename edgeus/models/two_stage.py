@@ -168,7 +168,33 @@ class _Stage2Head(nn.Sequential):
         super().__init__(*mods)
 
 
-INPUTS = ("predicted", "image")
+INPUTS = ("predicted", "image", "ground_truth")
+
+
+class GroundTruthInput:
+    """A data loader whose batches carry the ground-truth mask as one more ``image`` channel (last), for
+    ``two_stage_published`` with ``inputs="ground_truth"`` (the paper's image + ground-truth-mask row).
+    Everything else (``dataset``, ``sampler``, ``generator``, ``len``) is the wrapped loader's, so
+    ``edgeus.train.trainer.fit`` trains and validates through it unchanged."""
+
+    def __init__(self, loader):
+        self.__dict__["loader"] = loader
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["loader"], name)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for b in self.loader:
+            yield {**b, "image": torch.cat([b["image"], b["mask"].to(b["image"].dtype)], dim=1)}
+
+
+def ground_truth_loaders(loaders: dict) -> dict:
+    """``{split: GroundTruthInput(loader)}``: an oracle ablation (masks drawn by hand are not there at
+    inference): ``fit(Supervised(model), ground_truth_loaders(loaders), ...)``."""
+    return {k: GroundTruthInput(v) for k, v in loaders.items()}
 
 
 class TwoStagePublished(nn.Module):
@@ -179,8 +205,11 @@ class TwoStagePublished(nn.Module):
     epoch with the lowest validation BCE kept), which ``edgeus.train.run.train_model`` calls before the
     classifier is trained. Afterwards the U-Net is frozen and always runs in inference mode.
 
-    Stage 2 classifies ``[image, predicted mask, predicted mask]`` (``inputs="predicted"``) or
-    ``[image, image, image]`` (``inputs="image"``: the paper's images-only row; no U-Net at all) with a
+    Stage 2 classifies ``[image, predicted mask, predicted mask]`` (``inputs="predicted"``),
+    ``[image, image, image]`` (``inputs="image"``: the paper's images-only row; no U-Net at all) or
+    ``[image, true mask, true mask]`` (``inputs="ground_truth"``: the oracle row; no U-Net; the mask comes
+    as the last input channel, through :func:`ground_truth_loaders`, so this variant is for the ablation
+    only: the compress stages feed images alone) with a
     zoo model (``classifier``, default ``densenet201``; torchvision's ImageNet file loads into it with
     ``model.pretrained=``) whose last linear layer is replaced by ``head_layers`` x FC-``head_units``
     with ReLU, a dropout of ``head_dropout`` and the output layer. ``freeze_features`` (the paper's
@@ -208,7 +237,7 @@ class TwoStagePublished(nn.Module):
         self.seg_epochs, self.seg_lr = int(seg_epochs), float(seg_lr)
         self.freeze_features = bool(freeze_features)
         self.last_mask_logits: torch.Tensor | None = None
-        if inputs == "image":
+        if inputs in ("image", "ground_truth"):
             self.segmenter = None
         else:
             base = make_divisible(unet_base * width, 4, min_value=4)
@@ -259,10 +288,17 @@ class TwoStagePublished(nn.Module):
     def segment(self, x: torch.Tensor) -> torch.Tensor:
         """Mask probabilities [B, 1, H, W] (``inputs="image"`` has no segmenter)."""
         if self.segmenter is None:
-            raise RuntimeError("two_stage_published with inputs=image has no segmenter")
+            raise RuntimeError(f"two_stage_published with inputs={self.inputs} has no segmenter")
         return torch.sigmoid(self.segmenter(x))
 
     def stage2_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inputs == "ground_truth":
+            if x.shape[1] != self.in_chans + 1:
+                raise ValueError(f"two_stage_published inputs=ground_truth takes the image ({self.in_chans} "
+                                 f"channel(s)) and its mask as one more channel, got {x.shape[1]} channel(s): "
+                                 "wrap the loaders with edgeus.models.two_stage.ground_truth_loaders")
+            img, gt = x[:, :-1], x[:, -1:]
+            return torch.cat([img, gt, gt], dim=1)
         if self.inputs == "image":
             g = x[:, :1]
             return torch.cat([x, g, g], dim=1)
@@ -282,7 +318,7 @@ class TwoStagePublished(nn.Module):
         from pathlib import Path
 
         if self.segmenter is None:
-            return {"epochs": 0, "note": "inputs=image: no segmenter"}
+            return {"epochs": 0, "note": f"inputs={self.inputs}: no segmenter"}
         seg = self.segmenter
         path = Path(out_dir) / "segmenter.pt" if out_dir else None
         if path is not None and path.is_file():
