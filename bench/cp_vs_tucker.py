@@ -232,7 +232,8 @@ def main() -> int:
     t0 = time.time()
     load0 = [round(v, 2) for v in os.getloadavg()]
     res = run(args)
-    res.update({"name": NAME, "mode": "quick" if q else "full", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    res.update({"name": NAME, "mode": "quick" if q else "full",
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 "command": " ".join(["python"] + sys.argv), "load_average_start": load0,
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                            f"onnxruntime {__import__('onnxruntime').__version__}, tensorly "

@@ -60,6 +60,7 @@ def evaluate_segmentation(model, loader, device: str = "cpu", threshold: float =
     dice = np.array([r["dice"] for r in rows])
     iou = np.array([r["iou"] for r in rows])
     return {"n": len(rows), "threshold": float(threshold),
-            "dice_mean": float(dice.mean()) if len(rows) else None, "iou_mean": float(iou.mean()) if len(rows) else None,
+            "dice_mean": float(dice.mean()) if len(rows) else None,
+            "iou_mean": float(iou.mean()) if len(rows) else None,
             "dice_median": float(np.median(dice)) if len(rows) else None,
             "iou_median": float(np.median(iou)) if len(rows) else None, "per_image": rows}

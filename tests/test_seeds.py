@@ -445,7 +445,8 @@ def make_camus_tree(root: Path, n_patients: int = 10, seed: int = 0, missing_gt=
                 if (pid, view, phase) not in missing_gt:
                     nib.save(nib.Nifti1Image(lab.T.copy(), np.eye(4)), d / f"{pid}_{view}_{phase}_gt.nii.gz")
             # the half sequence is there too, and ignored
-            nib.save(nib.Nifti1Image(np.zeros((48, 40, 3), np.uint8), np.eye(4)), d / f"{pid}_{view}_half_sequence.nii.gz")
+            half = nib.Nifti1Image(np.zeros((48, 40, 3), np.uint8), np.eye(4))
+            nib.save(half, d / f"{pid}_{view}_half_sequence.nii.gz")
     return root
 
 

@@ -20,8 +20,6 @@ of itself is pruned once per root it is reached from, which cuts far more than t
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
