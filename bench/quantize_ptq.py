@@ -53,12 +53,18 @@ SETTINGS = ["recipe=rsmas_int8", "stages=[teacher,prune,decompose,export]", "gat
 DATASETS = {"phantom": [], "busi": ["data=busi", "data.image_size=64"]}
 
 
-def train(name: str, extra: list[str], work: Path) -> tuple[object, Path, Path]:
+def train(name: str, extra: list[str], work: Path, existing: str | None = None) -> tuple[object, Path, Path]:
+    """The teacher and student ONNX of a compress run: ``existing`` (a run directory made with these settings,
+    e.g. the main command's), else a new run in ``work``."""
     from edgeus.pipeline import compress
 
-    run = work / f"run-{name}"
-    cfg = compose(SETTINGS + extra + [f"out={run}"])
-    compress(cfg)
+    if existing:
+        run = Path(existing)
+        cfg = compose(SETTINGS + extra)
+    else:
+        run = work / f"run-{name}"
+        cfg = compose(SETTINGS + extra + [f"out={run}"])
+        compress(cfg)
     teacher = next(run.glob("*-teacher/model.onnx"))
     student = next(run.glob("*-export/student.fp32.onnx"))
     return cfg, teacher, student
@@ -179,12 +185,19 @@ def run_dataset(name: str, extra: list[str], work: Path, a, host: dict) -> dict:
     from edgeus.deploy.benchmark import latency_table
 
     t0 = time.perf_counter()
-    cfg, teacher, student = train(name, extra, work)
+    existing = a.runs.get(name)
+    cfg, teacher, student = train(name, extra, work, existing)
     t_train = time.perf_counter() - t0
     bundle = build_datasets(cfg.data)
     data = inputs_from_bundle(bundle, cfg.quantize)
     test = EvalSet(bundle.test, list(bundle.classes), name="test")
     res = {"data": bundle.summary(), "train_seconds": round(t_train, 1), "models": {}}
+    if existing:
+        cmd = Path(existing) / "command.txt"
+        res["models_from"] = f"{existing} ({cmd.read_text().strip() if cmd.is_file() else 'no command.txt'})"
+        fp = json.loads((Path(existing) / "state.json").read_text()).get("data_fingerprint") \
+            if (Path(existing) / "state.json").is_file() else None
+        res["run_data_fingerprint"], res["data_fingerprint"] = fp, bundle.fingerprint()
     for mname, fp32 in (("teacher", teacher), ("student", student)):
         fv, ft = split_metrics(fp32, data["evaluation"]), split_metrics(fp32, test)
         rows = {"fp32": {"val": fv, "test": ft, "bytes": fp32.stat().st_size}}
@@ -263,7 +276,9 @@ def markdown(res: dict) -> str:
         if "skipped" in r:
             lines += [f"## {ds}: skipped ({r['skipped']})", ""]
             continue
-        lines += [f"## {ds}", "", f"{r['data']}; models trained in {r['train_seconds']:.0f} s.", "",
+        src = (f"models from {r['models_from']}" if r.get("models_from") else
+               f"models trained in {r['train_seconds']:.0f} s")
+        lines += [f"## {ds}", "", f"{r['data']}; {src}.", "",
                   "| model | layout | val acc FP32 | val drop | worst val recall drop | test acc FP32 | test drop | "
                   "worst test recall drop | agreement | Q/DQ pairs | TRT check | goals |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -327,7 +342,11 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=str(RESULTS / "quantize_ptq"))
     p.add_argument("--set", nargs="*", default=[], help="extra key=value overrides (e.g. a smoke test's tiny settings)")
+    p.add_argument("--run", nargs="*", default=[], metavar="DATASET=DIR",
+                   help="reuse the teacher/student of an existing run made with these settings (e.g. phantom=<the "
+                        "main command's run>) instead of training")
     a = p.parse_args()
+    a.runs = dict(r.split("=", 1) for r in a.run)
     SETTINGS.extend(a.set)
     a.calibrators = [c for c in a.calibrators.split(",") if c]
     a.depthwise = [c for c in a.depthwise.split(",") if c]
