@@ -94,6 +94,9 @@ class EvalConfig:
     allow_overlap: bool = False        # score images the model was trained / validated / calibrated on
     out: Optional[str] = None
     ece_bins: int = 15
+    # eval.split=all (external validation: every image of another dataset): the data's class -> the model's
+    # class, e.g. {severe: AS}; a class absent here maps to the model's class of the same name; null drops it
+    class_map: Dict[str, Optional[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -101,7 +104,10 @@ class GatesConfig:
     max_accuracy_drop: float = 0.01
     max_recall_drop: float = 0.02
     max_ece_rise: float = 0.05
-    critical_class: Optional[str] = None   # e.g. malignant or AS: named first in messages
+    max_dice_drop: float = 0.02            # segmenting models (two-stage) only: mean Dice of the mask may fall this much
+    # e.g. malignant or Severe_AS: named first in messages; must be a class of the data (checked before a
+    # run starts); "auto": the dataset's own (edgeus.pipeline.gates.DATASET_CRITICAL), none where it has none
+    critical_class: Optional[str] = None
     enforce: bool = True
     mode: str = "point"                    # point | noninferiority (paired bootstrap interval within the margin)
     n_boot: int = 2000                     # bootstrap resamples of the paired intervals
@@ -309,6 +315,10 @@ def compose(overrides: list[str] | None = None, defaults: dict | None = None) ->
 
     cfg = _apply_dotted(cfg, dotted, "command line")
     cfg.command_line = [o for o in overrides]
+    if cfg.gates.critical_class == "auto":   # the dataset's own critical class (edgeus.pipeline.gates)
+        from edgeus.pipeline.gates import resolve_critical_class
+
+        cfg.gates.critical_class = resolve_critical_class("auto", cfg.data)
     return cfg
 
 
@@ -343,6 +353,7 @@ _RANGES = [
     ("quantize.qat_lr", 0, None, False, True, False), ("quantize.num_images", 0, None, True, True, True),
     ("gates.max_accuracy_drop", 0, None, True, True, False), ("gates.max_recall_drop", 0, None, True, True, False),
     ("gates.max_ece_rise", 0, None, True, True, False), ("gates.n_boot", 1, None, True, True, False),
+    ("gates.max_dice_drop", 0, None, True, True, False),
     ("compress.latency_iters", 1, None, True, True, False), ("compress.latency_warmup", 0, None, True, True, False),
     ("compress.latency_threads", 1, None, True, True, True),
     ("bench.iters", 1, None, True, True, False), ("bench.warmup", 0, None, True, True, False),

@@ -143,19 +143,24 @@ def predict_engine(path, loader, transform=None) -> tuple[np.ndarray, np.ndarray
     return np.concatenate(labels), np.concatenate(probs)
 
 
-def evaluate_model(model_or_path, loader, classes, device: str = "cpu", ece_bins: int = 15, transform=None) -> dict:
-    """Metrics of a torch model, an ONNX file / session, a TensorRT engine (.engine / .plan) or an
-    edgeus checkpoint file (.pt)."""
+def predict(model_or_path, loader, device: str = "cpu", transform=None) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and softmax probabilities of a torch model, an ONNX file / session, a TensorRT engine
+    (.engine / .plan) or an edgeus checkpoint file (.pt) over a loader."""
     if isinstance(model_or_path, (str, Path)) and str(model_or_path).endswith((".pt", ".pth")):
         from edgeus.train.checkpoint import load_checkpoint
 
         model_or_path, _ = load_checkpoint(model_or_path)
     if isinstance(model_or_path, torch.nn.Module):
-        y, p = predict_torch(model_or_path, loader, device, transform)
-    elif isinstance(model_or_path, (str, Path)) and str(model_or_path).endswith(ENGINE_SUFFIXES):
-        y, p = predict_engine(model_or_path, loader, transform)
-    else:
-        y, p = predict_onnx(model_or_path, loader, transform)
+        return predict_torch(model_or_path, loader, device, transform)
+    if isinstance(model_or_path, (str, Path)) and str(model_or_path).endswith(ENGINE_SUFFIXES):
+        return predict_engine(model_or_path, loader, transform)
+    return predict_onnx(model_or_path, loader, transform)
+
+
+def evaluate_model(model_or_path, loader, classes, device: str = "cpu", ece_bins: int = 15, transform=None) -> dict:
+    """Metrics of a torch model, an ONNX file / session, a TensorRT engine (.engine / .plan) or an
+    edgeus checkpoint file (.pt)."""
+    y, p = predict(model_or_path, loader, device, transform)
     return compute_metrics(y, p, classes, ece_bins)
 
 
@@ -171,4 +176,9 @@ def format_metrics(m: dict, title: str = "") -> str:
         lines.append(f"{c.ljust(w)}{pc['precision']:>10.4f}{pc['recall']:>10.4f}{pc['f1']:>10.4f}{pc['support']:>9d}")
     lines.append("confusion (rows = true, cols = predicted): " + " | ".join(
         f"{c}: {row}" for c, row in zip(m["classes"], m["confusion"])))
+    seg = m.get("segmentation")
+    if seg and seg.get("n"):
+        lines.append(f"segmentation (mask > {seg['threshold']:g}, {seg['n']} images with a mask): Dice mean "
+                     f"{seg['dice_mean']:.4f} (median {seg['dice_median']:.4f}), IoU mean {seg['iou_mean']:.4f} "
+                     f"(median {seg['iou_median']:.4f})")
     return "\n".join(lines)

@@ -250,6 +250,24 @@ def _describe_model(primary: Path, runm: dict, data_preprocessing: dict | None):
     return meta, inputs, outputs, prep, classes
 
 
+def _declare_outputs(outputs: list[dict]) -> dict | None:
+    """Give each output its role in the manifest (``logits``; ``mask`` for a two-stage model's lesion mask,
+    the second output of its ONNX graph) and return the manifest's ``segmentation`` entry (None without a
+    mask), so firmware knows the mask is there and how to draw it."""
+    from edgeus.onnx.export import MASK_NAME, OUTPUT_NAME
+
+    seg = None
+    for o in outputs:
+        if o.get("name") == OUTPUT_NAME:
+            o["role"] = "class logits (softmax -> probabilities in labels.json order)"
+        elif o.get("name") == MASK_NAME:
+            o["role"] = "segmentation mask"
+            seg = {"output": MASK_NAME, "shape": o.get("shape"), "values": "lesion probability per pixel in [0, 1]",
+                   "threshold": 0.5, "note": "same height and width as the input image; pixels above the threshold "
+                   "are the lesion the classifier saw (the ledger's Dice / IoU use this threshold)"}
+    return seg
+
+
 def _copy_models(out: Path, a: _Artifacts) -> dict[str, Path]:
     models: dict[str, Path] = {}
     if a.int8:
@@ -356,6 +374,7 @@ def package(run_dir, out, pcfg, *, target, build_cfg=None, data=None, data_prepr
     try:
         runm = _run_meta(a.run)
         meta, inputs, outputs, prep, classes = _describe_model(a.int8 or a.fp32, runm, data_preprocessing)
+        segmentation = _declare_outputs(outputs)
         models = _copy_models(tmp, a)
         tensorrt, build_info = _bundle_build(tmp, a, pcfg, target, build_cfg,
                                              {"classes": classes, "preprocessing": prep, "source": runm})
@@ -370,7 +389,8 @@ def package(run_dir, out, pcfg, *, target, build_cfg=None, data=None, data_prepr
             "bundle",
             model={"name": meta.get("arch", {}).get("name") if isinstance(meta.get("arch"), dict) else None,
                    "classes": list(classes), "preprocessing": prep, "inputs": inputs, "outputs": outputs,
-                   "onnx": {k: f"model/{p.name}" for k, p in models.items()}},
+                   "onnx": {k: f"model/{p.name}" for k, p in models.items()},
+                   **({"segmentation": segmentation} if segmentation else {})},
             runtime_order=([tensorrt["engine"]] if tensorrt else []) + [f"model/{p.name}" for p in models.values()],
             tensorrt=tensorrt,
             build=build_info,

@@ -17,6 +17,7 @@ needs injected; it never reads the root config.
 * simplified with onnxslim, then ``onnx.checker.check_model(full_check=True)``;
 * parity against torch on real inputs (the ``sample`` batch — callers pass the val split's first
   images, see :func:`parity_sample` — else seeded noise): max |logit difference| and top-1 agreement,
+  the ``mask`` output (when there is one) is held to ``atol`` too (probabilities in [0, 1]);
   raising :class:`ExportParityError` when the difference exceeds ``atol + rtol * max|logit| + 2 * d64``
   (d64: how far torch's own float64 result is from its float32 one, non-zero for models with hard
   thresholds such as SCConv's SRU gate) or the agreement is below ``min_top1_agreement``;
@@ -41,6 +42,16 @@ from edgeus.errors import EdgeusError, MissingDependencyError
 
 log = logging.getLogger("edgeus.export")
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
+MASK_NAME = "mask"     # the second output of a model with a segmenter (two-stage): lesion probabilities
+
+
+def has_segmenter(model) -> bool:
+    """Whether ``model`` segments (``segmenter`` is not None and it has ``segment``): its ONNX gets a mask output."""
+    return getattr(model, "segmenter", None) is not None and callable(getattr(model, "segment", None))
+
+
+def output_names(model) -> list[str]:
+    return [OUTPUT_NAME, MASK_NAME] if has_segmenter(model) else [OUTPUT_NAME]
 
 
 class ExportParityError(EdgeusError):
@@ -75,6 +86,11 @@ def _has_torchscript_exporter() -> bool:
 
 
 def _export_raw(model: torch.nn.Module, example: torch.Tensor, opset: int, exporter: str, dynamic: bool) -> onnx.ModelProto:
+    outputs = output_names(model)
+    if len(outputs) > 1:
+        from edgeus.models.two_stage import WithMask
+
+        model = WithMask(model).eval()     # (logits, mask) from one pass
     if exporter == "auto":
         exporter = "torchscript" if _has_torchscript_exporter() else "dynamo"
     buf = io.BytesIO()
@@ -82,9 +98,9 @@ def _export_raw(model: torch.nn.Module, example: torch.Tensor, opset: int, expor
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
             torch.onnx.export(
-                model, (example,), buf, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                model, (example,), buf, input_names=[INPUT_NAME], output_names=outputs,
                 opset_version=opset, dynamo=False, do_constant_folding=True,
-                dynamic_axes=({INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic else None),
+                dynamic_axes=({INPUT_NAME: {0: "batch"}, **{o: {0: "batch"} for o in outputs}} if dynamic else None),
             )
         return onnx.load_model_from_string(buf.getvalue())
     if exporter == "dynamo":
@@ -97,7 +113,7 @@ def _export_raw(model: torch.nn.Module, example: torch.Tensor, opset: int, expor
         if dynamic:
             arg = next(iter(__import__("inspect").signature(model.forward).parameters))
             shapes = {arg: {0: torch.export.Dim("batch", min=1, max=4096)}}
-        prog = torch.onnx.export(model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        prog = torch.onnx.export(model, (example,), input_names=[INPUT_NAME], output_names=outputs,
                                  opset_version=opset, dynamo=True, dynamic_shapes=shapes, verbose=False)
         return prog.model_proto
     raise EdgeusError(f"export.exporter={exporter!r}; expected auto, torchscript or dynamo")
@@ -131,14 +147,34 @@ def parity(model: torch.nn.Module, onnx_model: onnx.ModelProto, sample: torch.Te
     from edgeus.onnx.session import run_logits
 
     model.eval()
-    with torch.no_grad():
-        ref = model(sample).float().numpy()
-    got = run_logits(onnx_model, sample.numpy(), batch=None)
+    if has_segmenter(model):      # both outputs of the (logits, mask) graph
+        from edgeus.models.two_stage import WithMask
+        from edgeus.onnx.session import session
+
+        with torch.no_grad():
+            ref_t, ref_mask = WithMask(model).eval()(sample)
+        ref = ref_t.float().numpy()
+        sess = session(onnx_model)
+        names = [o.name for o in sess.get_outputs()]
+        res = dict(zip(names, sess.run(None, {sess.get_inputs()[0].name: sample.numpy().astype(np.float32)})))
+        got = res[OUTPUT_NAME]
+        mask_got = res.get(MASK_NAME)
+    else:
+        with torch.no_grad():
+            ref = model(sample).float().numpy()
+        got = run_logits(onnx_model, sample.numpy(), batch=None)
     diff = np.abs(ref - got)
     d64, why = _float64_sensitivity(model, sample, ref)
     out = {"n": int(len(sample)), "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
            "max_abs_logit": float(np.abs(ref).max()), "torch_float64_diff": d64,
            "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean())}
+    if has_segmenter(model):
+        if mask_got is None:
+            out["mask_max_abs_diff"] = None
+        else:
+            md = np.abs(ref_mask.float().numpy() - mask_got)
+            out["mask_max_abs_diff"] = float(md.max())
+            out["mask_agreement"] = float(((ref_mask.float().numpy() > 0.5) == (mask_got > 0.5)).mean())
     if why:
         out["torch_float64_note"] = why
     return out
@@ -160,7 +196,7 @@ def export_plain(model: torch.nn.Module, example: torch.Tensor, path: str | Path
     """Plain TorchScript export at ``example``'s (static) shape, no simplification, checks or metadata:
     for timing experiments (``edgeus.prune.measure``). Models to ship go through :func:`export_onnx`."""
     model = model.eval()
-    with torch.no_grad():
+    with torch.no_grad():   # a two-stage model: logits only (timing the classifier path with its U-Net)
         torch.onnx.export(model, (example,), str(path), input_names=[input_name], output_names=[OUTPUT_NAME],
                           opset_version=opset, dynamo=False)
     return Path(path)
@@ -232,11 +268,19 @@ def export_onnx(model: torch.nn.Module, path: str | Path, ecfg, *, preprocessing
         "simplifier": "onnxslim" if ecfg.simplify else None, "nodes_raw": n_raw, "nodes": len(slim.graph.node),
         "ops": dict(sorted(ops.items())), "checker": "onnx.checker full_check passed",
         "dynamic_batch": bool(ecfg.dynamic_batch), "input": [INPUT_NAME, ["batch", in_chans, size, size]],
+        "outputs": output_names(m),
         "parity": {**par, "source": src, "atol": float(ecfg.atol), "rtol": float(ecfg.rtol),
                    "allowed_diff": float(ecfg.atol) + float(ecfg.rtol) * par["max_abs_logit"] + 2 * par["torch_float64_diff"],
                    "min_top1_agreement": float(ecfg.min_top1_agreement)},
         "seconds": round(time.perf_counter() - t0, 3),
     }
+    mask_bad = "mask_max_abs_diff" in par and (par["mask_max_abs_diff"] is None
+                                               or par["mask_max_abs_diff"] > float(ecfg.atol) + 2 * par["torch_float64_diff"])
+    if mask_bad:
+        report["parity"]["passed"] = False
+        raise ExportParityError(
+            f"ONNX/torch parity lost on the mask output: max |diff| {par['mask_max_abs_diff']} (allowed "
+            f"{float(ecfg.atol) + 2 * par['torch_float64_diff']:.3g}) on {src}; the ONNX file is at {path} for inspection")
     if par["max_abs_diff"] > report["parity"]["allowed_diff"] or par["top1_agreement"] < float(ecfg.min_top1_agreement):
         report["parity"]["passed"] = False
         raise ExportParityError(
@@ -258,5 +302,5 @@ def export_with_data(model: torch.nn.Module, path: str | Path, ecfg, bundle, *, 
                        sample=sample, sample_source=source, target_opset=target_opset, seed=seed, data=data)
 
 
-__all__ = ["export_onnx", "export_plain", "export_with_data", "parity", "parity_sample", "target_opset", "ExportParityError", "INPUT_NAME",
+__all__ = ["export_onnx", "export_plain", "has_segmenter", "output_names", "MASK_NAME", "export_with_data", "parity", "parity_sample", "target_opset", "ExportParityError", "INPUT_NAME",
            "OUTPUT_NAME"]

@@ -10,14 +10,107 @@ Two modes (``gates.mode``):
   **underpowered** when the split is too small to show non-inferiority at that margin (it says
   how many images would be needed) — instead of passing or failing by which images landed in test.
 
+A model that segments (the two-stage models: its ledger metrics carry ``dice``) is also gated on the
+mean Dice of its lesion mask (``gates.max_dice_drop``) when teacher and student both segment; Dice is
+judged on the point estimates in both modes (the paired intervals cover the classification metrics).
+
 Sign convention everywhere: ``change = student − teacher``; ``limit`` is the loss allowed (accuracy,
-recall) or the rise allowed (ECE), a positive number.
+recall, Dice) or the rise allowed (ECE), a positive number.
+
+The critical class follows the dataset: ``gates.critical_class=auto`` (the recipes' setting) is the
+dataset's own (:data:`DATASET_CRITICAL`: ``malignant`` for the phantom and BUSI, ``AS`` / ``Severe_AS``
+for TMED-2's schemes, none for CAMUS views), resolved when the configuration is composed
+(:func:`resolve_critical_class`); a name that is not a class of the data is refused before a run starts
+(:func:`check_critical_class`), and again by :func:`check`.
 """
 from __future__ import annotations
 
 from edgeus.errors import EdgeusError
 
 MODES = ("point", "noninferiority")
+AUTO = "auto"
+
+
+def _tmed2_critical(data) -> str | None:
+    return {"as_binary": "AS", "as_severity": "Severe_AS"}.get(str(getattr(data, "scheme", None)))
+
+
+# the clinically critical class of each dataset (None: no class is more critical than another)
+DATASET_CRITICAL = {
+    "phantom": lambda data: "malignant",
+    "busi": lambda data: "malignant",
+    "folder": lambda data: "malignant",      # used only when the folder tree has a 'malignant' class
+    "tmed2": _tmed2_critical,
+    "camus": lambda data: None,              # echo views: none is more critical than another
+}
+
+
+def known_classes(data) -> list[str] | None:
+    """The class names ``data`` (a ``data`` section) will have, found without decoding an image; None
+    when they cannot be told before the data is read (a folder tree that is not there yet)."""
+    from pathlib import Path
+
+    name = str(getattr(data, "name", "") or "")
+    asked = list(data.classes) if getattr(data, "classes", None) else None
+    try:
+        if name == "phantom":
+            from edgeus.data import phantom
+
+            return asked or list(phantom.CLASSES)
+        if name == "tmed2":
+            from edgeus.data.readers import SCHEMES
+
+            return list(SCHEMES[str(data.scheme)][0]) if str(data.scheme) in SCHEMES else None
+        if name == "camus":
+            from edgeus.data import camus
+
+            return asked or list(camus.LABELS[camus.scheme_of(None)])
+        if name in ("busi", "folder"):
+            if asked:
+                return asked
+            root = Path(str(data.root)).expanduser() if getattr(data, "root", None) else None
+            if root is None or not root.is_dir():
+                return ["benign", "malignant", "normal"] if name == "busi" else None
+            return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    except Exception:   # the data reader will say what is wrong with the data itself
+        return None
+    return None
+
+
+def resolve_critical_class(critical: str | None, data) -> str | None:
+    """``gates.critical_class`` as a class name: ``auto`` becomes the dataset's own critical class
+    (:data:`DATASET_CRITICAL`) when the data has it, else None; any other value is returned unchanged."""
+    if critical is None or str(critical) != AUTO:
+        return critical
+    pick = DATASET_CRITICAL.get(str(getattr(data, "name", "")), lambda d: None)(data)
+    classes = known_classes(data)
+    if pick is None or (classes is not None and pick not in classes) or (classes is None and
+                                                                         str(data.name) == "folder"):
+        return None
+    return pick
+
+
+def check_critical_class(gates, data) -> None:
+    """Refuse, before anything runs, a ``gates.critical_class`` that is not a class of ``data``, naming
+    the valid ones (and the dataset's own critical class, when it has one)."""
+    critical = getattr(gates, "critical_class", None)
+    if critical is None:
+        return
+    if str(critical) == AUTO:
+        critical = resolve_critical_class(critical, data)
+        if critical is None:
+            return
+    classes = known_classes(data)
+    if classes is None or critical in classes:
+        return
+    from edgeus.config import ConfigError
+
+    own = resolve_critical_class(AUTO, data)
+    what = f"data={data.name}" + (f" scheme={data.scheme}" if str(data.name) == "tmed2" else "")
+    hint = (f"gates.critical_class={own} (this dataset's critical class), " if own else "") + \
+        "gates.critical_class=auto (the dataset's own) or gates.critical_class=null (no class named first)"
+    raise ConfigError(f"gates.critical_class={critical!r} is not a class of {what}; its classes are "
+                      f"{', '.join(classes)}. Use one of them, {hint}")
 
 
 def _order(classes: list[str], critical: str | None) -> list[str]:
@@ -48,7 +141,7 @@ def check(stage: str, teacher: dict, student: dict, gates, classes: list[str], c
     disc = (comparison or {}).get("discordance", {})
     out = []
 
-    def add(metric, key, t, s, limit, lower_is_better=False, n=None, disc_rate=None):
+    def add(metric, key, t, s, limit, lower_is_better=False, n=None, disc_rate=None, point_only=False):
         from edgeus.stats import images_needed
 
         change = None if t is None or s is None else s - t
@@ -61,6 +154,10 @@ def check(stage: str, teacher: dict, student: dict, gates, classes: list[str], c
         note = ""
         if n == 0:
             status, note = "fail", "no test images of this class: nothing shows it is kept"
+        elif point_only:
+            status = "pass" if loss is not None and loss <= limit + 1e-9 else "fail"
+            if mode != "point":
+                note = "point estimates (the paired intervals cover the classification metrics)"
         elif mode == "point":
             status = "pass" if loss is not None and loss <= limit + 1e-9 else "fail"
         elif worst is not None and worst <= limit + 1e-9:
@@ -84,6 +181,10 @@ def check(stage: str, teacher: dict, student: dict, gates, classes: list[str], c
             n=support.get(c), disc_rate=disc.get(c))
     add("ECE", "ece", teacher["ece"], student["ece"], float(gates.max_ece_rise), lower_is_better=True,
         n=n_all, disc_rate=None)
+    if teacher.get("dice") is not None and student.get("dice") is not None:   # both segment (two-stage)
+        limit = getattr(gates, "max_dice_drop", None)
+        add("Dice (mask)", "dice", teacher["dice"], student["dice"], float(0.02 if limit is None else limit),
+            n=(student.get("segmentation") or {}).get("n"), point_only=True)
     return out
 
 

@@ -109,7 +109,15 @@ def _metrics(model_or_onnx, ctx, save: Path | None = None) -> dict:
         np.savez(tmp, labels=y, probs=p)
         os.replace(tmp, save)
     m = compute_metrics(y, p, ctx.bundle.classes)
-    return {k: m[k] for k in ("accuracy", "macro_f1", "recall", "auc", "ece", "confusion", "n", "per_class")}
+    out = {k: m[k] for k in ("accuracy", "macro_f1", "recall", "auc", "ece", "confusion", "n", "per_class")}
+    from edgeus.segmentation import brief, segmentation_metrics
+
+    seg = segmentation_metrics(model_or_onnx, ctx.eval_loader(), ctx.device)   # two-stage: Dice / IoU of its mask
+    if seg:
+        out.update(brief(seg))
+        if save is not None:
+            write_json(save.with_name("segmentation.json"), seg)     # per image
+    return out
 
 
 def _comparison(ctx, name: str, row: dict) -> dict | None:
@@ -473,6 +481,7 @@ def compress(cfg) -> dict:
         run_dir, create = _fresh_run_dir(cfg)
         state = _fresh_state(cfg)
     validate(cfg)
+    G.check_critical_class(cfg.gates, cfg.data)    # an unknown critical class: refused before anything runs
     recipe_stages = list(cfg.recipe.stages)
     unknown = [s for s in recipe_stages if s not in STAGES]
     if unknown:
