@@ -134,3 +134,6 @@ def test_two_stage_int8_recipe_on_the_phantom_has_a_dice_and_the_bundle_returns_
     seg = manifest["model"]["segmentation"]
     assert seg["output"] == "mask" and seg["threshold"] == 0.5
     assert manifest["model"]["outputs"][1]["role"] == "segmentation mask"
+    report = (out / "report.md").read_text()
+    assert "## Segmentation (two-stage mask)" in report and "| mask Dice (IoU) |" in report
+    assert "Dice (mask)" in report                                   # the gate's row

@@ -440,6 +440,8 @@ def _run_dir(cfg, run_dir: Path) -> int:
         print(f"student - teacher: accuracy {s['accuracy'] - t['accuracy']:+.4f}, macro-F1 "
               f"{s['macro_f1'] - t['macro_f1']:+.4f}; recall " +
               ", ".join(f"{c} {s['recall'][c] - t['recall'][c]:+.3f}" for c in t["recall"]))
+        if t.get("dice") is not None and s.get("dice") is not None:
+            print(f"student - teacher: mask Dice {s['dice'] - t['dice']:+.4f}, IoU {s['iou'] - t['iou']:+.4f}")
     out = Path(cfg.eval.out or cfg.out or run_dir / f"eval.{cfg.eval.split}.json")
     out.write_text(json.dumps({"run": str(run_dir), "split": cfg.eval.split, "models": results}, indent=1, default=str))
     print(f"metrics written to {out}")

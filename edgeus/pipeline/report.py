@@ -588,6 +588,9 @@ def write_report(run_dir: str | Path, bundle=None) -> dict:
                         f"{_iv(iv.get(f'recall/{critical}')) if comp else _pts(sm['recall'][critical] - tm['recall'][critical])}{imgs} |")
         head.append(f"| ECE (lower is better) | {tm['ece']:.3f} | {sm['ece']:.3f} | "
                     f"{_iv(iv.get('ece')) if comp else _pts(sm['ece'] - tm['ece'])} |")
+        if tm.get("dice") is not None and sm.get("dice") is not None:   # two-stage: the U-Net's lesion mask
+            head.append(f"| mask Dice (IoU) | {tm['dice']:.3f} ({tm['iou']:.3f}) | {sm['dice']:.3f} ({sm['iou']:.3f}) | "
+                        f"{_pts(sm['dice'] - tm['dice'])} |")
     summary += ["", *head, "",
                 "Sign convention everywhere in this report: **student − teacher**, in points (×100) with the paired "
                 "95 % bootstrap interval in brackets, and in test images; a loss is negative (for ECE a rise is worse).",
@@ -712,6 +715,17 @@ def write_report(run_dir: str | Path, bundle=None) -> dict:
     if rob:
         sec = _robustness_section(rob, classes, figs, images, pred, cfg)
         sections.append(("Robustness", sec))
+    seg_rows = [r for r in rows if (r.get("metrics") or {}).get("dice") is not None]
+    if seg_rows:   # two-stage models: the segmentation their classifier sees (the bundle's 'mask' output)
+        sec = ["Lesion mask of each model (the second ONNX output `mask`, thresholded at 0.5) against the test "
+               "images' ground-truth masks; per-image values in each stage's `segmentation.json`.", "",
+               "| stage | images with a mask | Dice mean | Dice median | IoU mean | IoU median |", "|---|---|---|---|---|---|"]
+        for r in seg_rows:
+            sg = r["metrics"].get("segmentation") or {}
+            f = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+            sec.append(f"| {r['stage']} | {sg.get('n', '–')} | {f(sg.get('dice_mean'))} | {f(sg.get('dice_median'))} | "
+                       f"{f(sg.get('iou_mean'))} | {f(sg.get('iou_median'))} |")
+        sections.append(("Segmentation (two-stage mask)", sec + [""]))
     if notes:
         sections.append(("Notes", [f"- {n}" for n in notes] + [""]))
 
