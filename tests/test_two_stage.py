@@ -98,6 +98,14 @@ def test_pruning_two_stage_keeps_the_unet_and_classifier_input_consistent():
     assert first.in_channels == 3                     # [image, mask, mask]: never cut
     assert pruned.segmenter.head.out_channels == 1    # one mask
     assert rep["after"]["macs"] < rep["before"]["macs"]
+    # the U-Net is traced through its cached mask logits and pruned with the classifier; the exported
+    # pruned model still returns the same mask it classifies from
+    assert pruned.segmenter.enc[1][0].out_channels < m.segmenter.enc[1][0].out_channels
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        exp = _export(pruned, f"{d}/p.onnx", cfg)
+    assert exp["outputs"] == ["logits", "mask"] and exp["parity"]["passed"]
 
 
 def test_two_stage_int8_recipe_on_the_phantom_has_a_dice_and_the_bundle_returns_the_mask(tmp_path):
@@ -137,3 +145,12 @@ def test_two_stage_int8_recipe_on_the_phantom_has_a_dice_and_the_bundle_returns_
     report = (out / "report.md").read_text()
     assert "## Segmentation (two-stage mask)" in report and "| mask Dice (IoU) |" in report
     assert "Dice (mask)" in report                                   # the gate's row
+    # edgeus eval scores the masks too: the run's teacher and INT8 student, and the INT8 file alone (per image)
+    from edgeus.cli import main
+
+    assert main(["eval", f"run={out}"]) == 0
+    ev = json.loads((out / "eval.test.json").read_text())["models"]
+    assert ev["teacher"]["dice"] is not None and ev["student"]["dice"] is not None
+    assert main(["eval", str(out / "student.int8.onnx"), f"eval.out={tmp_path / 'e.json'}"]) == 0
+    seg = json.loads((tmp_path / "e.json").read_text())["segmentation"]
+    assert seg["n"] == len(seg["per_image"]) > 0 and abs(seg["dice_mean"] - rows["quantize"]["metrics"]["dice"]) < 1e-9
