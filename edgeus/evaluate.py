@@ -101,18 +101,25 @@ def predict_onnx(path_or_session, loader, transform=None) -> tuple[np.ndarray, n
 
     sess = session(path_or_session)
     name = sess.get_inputs()[0].name
+    outs = [o.name for o in sess.get_outputs()]
+    want = ["logits"] if len(outs) > 1 and "logits" in outs else None   # a two-stage model: the mask is not needed
     labels, probs = [], []
     for batch in loader:
         x = batch["image"]
         if transform is not None:
             x = transform(x)
-        logits = sess.run(None, {name: x.numpy().astype(np.float32)})[0]
+        logits = sess.run(want, {name: x.numpy().astype(np.float32)})[0]
         probs.append(torch.softmax(torch.from_numpy(logits).float(), 1).numpy())
         labels.append(batch["label"].numpy())
     return np.concatenate(labels), np.concatenate(probs)
 
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+
+
+def _logits_of(outputs: dict):
+    """An engine's logits by name (a two-stage engine also returns its ``mask``), else its first output."""
+    return outputs["logits"] if "logits" in outputs else next(iter(outputs.values()))
 
 
 def predict_engine(path, loader, transform=None) -> tuple[np.ndarray, np.ndarray]:
@@ -135,9 +142,9 @@ def predict_engine(path, loader, transform=None) -> tuple[np.ndarray, np.ndarray
                 chunk = x[i:i + step]
                 if static and len(chunk) < static:   # a static-batch engine: pad the last chunk, keep the real rows
                     pad = np.zeros((static - len(chunk), *chunk.shape[1:]), chunk.dtype)
-                    logits.append(next(iter(r.infer({name: np.concatenate([chunk, pad])}).values()))[:len(chunk)])
+                    logits.append(_logits_of(r.infer({name: np.concatenate([chunk, pad])}))[:len(chunk)])
                 else:
-                    logits.append(next(iter(r.infer({name: chunk}).values())))
+                    logits.append(_logits_of(r.infer({name: chunk})))
             probs.append(torch.softmax(torch.from_numpy(np.concatenate(logits)).float(), 1).numpy())
             labels.append(batch["label"].numpy())
     return np.concatenate(labels), np.concatenate(probs)

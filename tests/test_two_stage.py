@@ -154,3 +154,10 @@ def test_two_stage_int8_recipe_on_the_phantom_has_a_dice_and_the_bundle_returns_
     assert main(["eval", str(out / "student.int8.onnx"), f"eval.out={tmp_path / 'e.json'}"]) == 0
     seg = json.loads((tmp_path / "e.json").read_text())["segmentation"]
     assert seg["n"] == len(seg["per_image"]) > 0 and abs(seg["dice_mean"] - rows["quantize"]["metrics"]["dice"]) < 1e-9
+    # the bundle carries the expected masks of its golden inputs and verify checks them
+    from edgeus.deploy import verify
+
+    entry = next(e for e in manifest["golden"]["outputs"] if e["precision"] == "int8")
+    assert entry["mask"]["expected"] == "golden/expected_mask.int8.npy"
+    rep = verify(bundle)
+    assert rep["ok"] and any("mask output matches" in c for c in rep["checks"])

@@ -96,6 +96,26 @@ def _ort_outputs(onnx_path: Path, inputs: np.ndarray) -> np.ndarray:
     return run_logits(sess, inputs, batch=None)
 
 
+def _ort_mask(onnx_path: Path, inputs: np.ndarray) -> np.ndarray | None:
+    """The ``mask`` output (a two-stage model's lesion probabilities) on ``inputs``, or None without one."""
+    from edgeus.onnx.export import MASK_NAME
+    from edgeus.onnx.session import session
+
+    sess = session(onnx_path)
+    if MASK_NAME not in [o.name for o in sess.get_outputs()]:
+        return None
+    name = sess.get_inputs()[0].name
+    shape = sess.get_inputs()[0].shape
+    step = shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else len(inputs)
+    x = inputs.astype(np.float32)
+    return np.concatenate([sess.run([MASK_NAME], {name: x[i:i + step]})[0] for i in range(0, len(x), step)])
+
+
+def _engine_logits(outputs: dict) -> np.ndarray:
+    """The logits among an engine's outputs (by name; a two-stage engine also returns ``mask``)."""
+    return outputs["logits"] if "logits" in outputs else next(iter(outputs.values()))
+
+
 def _run_meta(run_dir: Path | None) -> dict:
     """recipe/run/config of a run directory (config.yaml, ledger.json), when present."""
     if run_dir is None:
@@ -317,9 +337,15 @@ def _write_golden(out: Path, g: _Golden, models: dict[str, Path], tensorrt: dict
                                "atol": float(pcfg.atol if prec == "fp32" else pcfg.int8_atol),
                                "compare": "softmax", "top1": [int(k) for k in y.argmax(-1)],
                                "producer": "onnxruntime CPUExecutionProvider"})
+        mask = _ort_mask(path, g.inputs)
+        if mask is not None:     # a two-stage model: the expected lesion mask too (probabilities, max |diff| <= atol)
+            mrel = f"golden/expected_mask.{prec}.npy"
+            np.save(out / mrel, mask.astype(np.float32), allow_pickle=False)
+            golden_outputs[-1]["mask"] = {"output": "mask", "expected": mrel, "compare": "max_abs_diff",
+                                          "atol": golden_outputs[-1]["atol"]}
     if tensorrt and "int8" in models:
         int8 = next(e for e in golden_outputs if e["precision"] == "int8")
-        golden_outputs.append(dict(int8, model=tensorrt["engine"]))
+        golden_outputs.append({k: v for k, v in dict(int8, model=tensorrt["engine"]).items() if k != "mask"})
     section["outputs"] = golden_outputs
     return section
 
@@ -610,7 +636,7 @@ def _golden_one(root: Path, entry: dict, x: np.ndarray, engine_ok: bool, backend
 
             with TrtRunner(root / model_rel, check_compat=False) as r:
                 (name, (dtype, _)), = r.input_metadata().items()
-                y = np.concatenate([next(iter(r.infer({name: x[i:i + 1].astype(dtype)}).values()))
+                y = np.concatenate([_engine_logits(r.infer({name: x[i:i + 1].astype(dtype)}))
                                     for i in range(len(x))])
             used = "tensorrt"
         else:
@@ -631,3 +657,19 @@ def _golden_one(root: Path, entry: dict, x: np.ndarray, engine_ok: bool, backend
                              "top1_agreement": top1, "ok": not errs})
     report["errors"] += [f"{e} on {used}" for e in errs]
     report["checks"] += [f"{c} on {used}" for c in oks]
+    m = entry.get("mask")
+    if m and not is_engine:   # a two-stage model's lesion mask (second output)
+        try:
+            want = np.load(root / m["expected"], allow_pickle=False)
+            got = _ort_mask(root / model_rel, x)
+        except Exception as e:  # noqa: BLE001
+            report["errors"].append(f"{m.get('expected')}: cannot be checked ({e})")
+            return
+        md = float(np.abs(got - want).max()) if got is not None and got.shape == want.shape else float("inf")
+        report["golden"][-1].update(mask_max_abs_diff=md)
+        if md > float(m["atol"]):
+            report["errors"].append(f"{model_rel}: the mask output differs from {m['expected']} by {md:.3g} "
+                                    f"(atol {m['atol']}) on {used}")
+            report["golden"][-1]["ok"] = False
+        else:
+            report["checks"].append(f"{model_rel}: mask output matches {m['expected']} (max |diff| {md:.2g}) on {used}")
