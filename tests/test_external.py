@@ -136,3 +136,31 @@ def test_an_unknown_critical_class_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(ConfigError, match="A2C, A4C"):
         compress(cfg)
     assert not out.exists()
+
+
+def test_external_validation_of_a_two_stage_model_scores_its_masks(tmp_path):
+    from PIL import Image
+
+    from edgeus.cli import main
+    from edgeus.data import build_datasets
+    from edgeus.data.fingerprint import data_fingerprint
+    from edgeus.models import create_model
+    from edgeus.train.checkpoint import save_checkpoint
+
+    cfg = make_cfg("data.n_per_class=6", "data.image_size=32", "data.phantom_size=32")
+    bundle = build_datasets(cfg.data)
+    torch.manual_seed(0)
+    model = create_model("two_stage", num_classes=3, in_chans=1, width=0.125, classifier="simple_cnn")
+    ckpt = save_checkpoint(tmp_path / "ts.pt", model, classes=bundle.classes, preprocessing=bundle.preprocessing,
+                           data=data_fingerprint(bundle, cfg.data))
+    ext = _folder(tmp_path / "busi", n=2, seed=3, size=32)
+    for c in ("benign", "malignant"):                 # lesion masks beside the images (BUSI's *_mask.png)
+        for i in range(2):
+            m = np.zeros((32, 32), np.uint8)
+            m[8:20, 8:20] = 255
+            Image.fromarray(m).save(ext / c / f"{c}_{i}_mask.png")
+    assert main(["eval", str(ckpt), "data=folder", f"data.root={ext}", "eval.split=all",
+                 f"eval.out={tmp_path / 'e.json'}"]) == 0
+    out = json.loads((tmp_path / "e.json").read_text())
+    assert out["n"] == 6 and out["segmentation"]["n"] == 4 and len(out["segmentation"]["per_image"]) == 4
+    assert 0.0 <= out["dice"] <= 1.0 and out["evaluated"]["leak_check"]["overlap"] == 0
