@@ -161,3 +161,20 @@ def test_two_stage_int8_recipe_on_the_phantom_has_a_dice_and_the_bundle_returns_
     assert entry["mask"]["expected"] == "golden/expected_mask.int8.npy"
     rep = verify(bundle)
     assert rep["ok"] and any("mask output matches" in c for c in rep["checks"])
+
+
+def test_prune_stage_on_two_stage_keeps_the_mask_and_gates_its_dice(tmp_path):
+    from edgeus.pipeline import compress
+
+    out = tmp_path / "run"
+    cfg = make_cfg("recipe=two_stage_int8", *TWO, "data.n_per_class=15", "recipe.stages=[teacher,prune,export]",
+                   "prune.method=structured", "prune.target_macs=0.6", "prune.finetune_epochs=1",
+                   "prune.measure_latency=false", "compress.robustness=false", "compress.report=false",
+                   "compress.latency_iters=2", "compress.latency_warmup=0", "gates.enforce=false", f"out={out}")
+    compress(cfg)
+    ledger = json.loads((out / "ledger.json").read_text())
+    rows = {r["stage"]: r for r in ledger["rows"]}
+    assert rows["prune"]["macs"] < rows["teacher"]["macs"] and rows["prune"]["metrics"]["dice"] is not None
+    assert [g["metric"] for g in ledger["gates"] if g["stage"] == "prune"][-1] == "Dice (mask)"
+    exp = json.loads((out / "01-prune" / "export.json").read_text())
+    assert exp["outputs"] == ["logits", "mask"] and exp["parity"]["passed"]
