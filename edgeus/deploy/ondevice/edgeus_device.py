@@ -553,7 +553,9 @@ def run_engine(engine_path, x, dla_core=None):
                 _check(cudart.cudaMemcpyAsync(arr.ctypes.data, d, arr.nbytes,
                                               cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream))
             _check(cudart.cudaStreamSynchronize(stream))
-            results.append(host_out[outputs[0]][0][:n].astype(np.float32))
+            # the class scores by name: a two-stage model's engine also outputs its lesion "mask"
+            logits = "logits" if "logits" in host_out else outputs[0]
+            results.append(host_out[logits][0][:n].astype(np.float32))
             for d in allocs:
                 _check(cudart.cudaFree(d))
             allocs = []
