@@ -19,15 +19,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from edgeus import resources
+from edgeus.errors import ConfigError  # noqa: F401  (raised here; importable from edgeus.config as before)
 from edgeus.decompose.config import DecomposeConfig
 from edgeus.deploy.config import BenchConfig, BuildConfig, PackageConfig, TargetConfig
 from edgeus.distill.config import DistillConfig
 from edgeus.prune.config import PruneConfig
 from edgeus.quantize.config import ExportConfig, QuantizeConfig
-
-
-class ConfigError(ValueError):
-    """A configuration the user gave cannot be used; the message says what to change."""
 
 
 @dataclass

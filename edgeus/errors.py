@@ -61,6 +61,11 @@ class GateError(EdgeusError):
     exit_code = EXIT_GATE
 
 
+class ConfigError(ValueError):
+    """A configuration the user gave cannot be used; the message says what to change."""
+    exit_code = EXIT_USAGE
+
+
 class VerificationError(EdgeusError):
     """A bundle or model does not verify (checksums, manifest, signature, golden outputs)."""
     exit_code = EXIT_VERIFY
@@ -75,8 +80,6 @@ def exit_code(exc: BaseException) -> int:
         return code
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return EXIT_DISK
-    if type(exc).__name__ == "ConfigError":
-        return EXIT_USAGE
     return EXIT_BUG
 
 

@@ -25,7 +25,7 @@ for TMED-2's schemes, none for CAMUS views), resolved when the configuration is 
 """
 from __future__ import annotations
 
-from edgeus.errors import EdgeusError
+from edgeus.errors import ConfigError, EdgeusError
 
 MODES = ("point", "noninferiority")
 AUTO = "auto"
@@ -103,8 +103,6 @@ def check_critical_class(gates, data) -> None:
     classes = known_classes(data)
     if classes is None or critical in classes:
         return
-    from edgeus.config import ConfigError
-
     own = resolve_critical_class(AUTO, data)
     what = f"data={data.name}" + (f" scheme={data.scheme}" if str(data.name) == "tmed2" else "")
     hint = (f"gates.critical_class={own} (this dataset's critical class), " if own else "") + \
