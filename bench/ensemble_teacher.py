@@ -101,13 +101,15 @@ def main(argv=None) -> int:
             pooled[k].append(v)
         probs = {"single": p_single, "m1": p_m1, "ens": p_ens, "s_single": students["single"]["prob"],
                  "s_ens": students["ensemble"]["prob"]}
-        per_seed.append({"seed": seed, "teacher_seconds": round(teacher_s, 1), "student_seconds": timings,
+        per_seed.append({"_files": [str(i) for i in bundle.ids("test")],
+                         "seed": seed, "teacher_seconds": round(teacher_s, 1), "student_seconds": timings,
                          "n": {"train": len(bundle.train), "val": len(bundle.val), "test": len(bundle.test)},
                          "models": {MODELS[k]: _brief(y, p, classes, crit) for k, p in probs.items()},
                          "comparisons": {name: compare(y, probs[a], probs[b], classes) for name, (a, b) in PAIRS.items()},
                          "ensemble_report": _jsonable(ens_report),
                          "students": {k: {kk: vv for kk, vv in v.items() if kk != "prob"} for k, v in students.items()}})
     y = np.concatenate(pooled["y"])
+    pooled_ids = [f for r in per_seed for f in r.pop("_files")]
     cat = {k: np.concatenate(v) for k, v in pooled.items() if k != "y"}
     pooled_models = {MODELS[k]: _brief(y, p, classes, crit) for k, p in cat.items()}
     pooled_cmp = {name: compare(y, cat[a], cat[b], classes) for name, (a, b) in PAIRS.items()}
@@ -128,6 +130,9 @@ def main(argv=None) -> int:
     for models, comparisons, title in ([(r["models"], r["comparisons"], f"Seed {r['seed']}") for r in per_seed]
                                        + [(pooled_models, pooled_cmp,
                                            f"Pooled over seeds {seeds} ({len(y)} seed-image pairs)")]):
+        if title.startswith("Pooled") and len(set(pooled_ids)) < len(y):
+            title += (" (the split does not depend on the training seed: the same test images recur, so these "
+                      "intervals treat correlated pairs as independent and are somewhat too narrow)")
         lines += [f"## {title}", "", f"| model | test accuracy | macro-F1 | {crit} recall |", "|---|---|---|---|"]
         for name, m in models.items():
             lines.append(f"| {name} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} | {m[f'recall_{crit}']:.3f} "
