@@ -120,7 +120,7 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float))
-    lines = [f"# Fine-tuning checkpoint selection: val vs agreement with the teacher (phantom)", "",
+    lines = ["# Fine-tuning checkpoint selection: val vs agreement with the teacher (phantom)", "",
              f"Written by `bench/select_agreement.py` ({result['seconds']:.0f} s). Settings: "
              + ", ".join(f"{k}={v}" for k, v in vars(args).items() if k != "out"), "",
              "Each seed: teacher trained, pruned, fine-tuned with KD; the three rules share one training "

@@ -1,7 +1,6 @@
 """Issue 16: an ensemble teacher (averaged logits, single-model student) and checkpoint selection
 that does not hinge on a small val split alone (agreement with the teacher on all non-test images)."""
 import json
-import os
 
 import numpy as np
 import pytest
