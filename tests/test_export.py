@@ -69,6 +69,19 @@ def test_parity_loss_fails_loudly(small, tmp_path):
         export_onnx(model, tmp_path / "m.onnx", cfg.export, preprocessing=PRE)
 
 
+def test_nan_weights_are_refused_not_exported(small, tmp_path):
+    import copy
+
+    from edgeus.errors import InputError
+
+    model, cfg = small
+    bad = copy.deepcopy(model)
+    next(p for p in bad.parameters() if p.dim() > 1).data[0].fill_(float("nan"))
+    with pytest.raises(InputError, match="NaN or Inf"):
+        export_onnx(bad, tmp_path / "m.onnx", cfg.export, preprocessing=PRE)
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_opset_below_13_is_refused(small, tmp_path):
     model, _ = small
     cfg = make_cfg("export.opset=12")

@@ -38,7 +38,7 @@ import numpy as np
 import onnx
 import torch
 
-from edgeus.errors import EdgeusError, MissingDependencyError
+from edgeus.errors import EdgeusError, InputError, MissingDependencyError
 
 log = logging.getLogger("edgeus.export")
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -236,6 +236,11 @@ def export_onnx(model: torch.nn.Module, path: str | Path, ecfg, *, preprocessing
     size = int(preprocessing["image_size"])
     opset = _opset(ecfg, target_opset)
 
+    bad = [k for k, v in model.state_dict().items()
+           if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:   # NaN compares False with everything: the parity check below would pass it
+        raise InputError(f"the model has NaN or Inf weights (in {bad[0]}"
+                         f"{f' and {len(bad) - 1} more tensor(s)' if len(bad) > 1 else ''}); nothing exported")
     t0 = time.perf_counter()
     src = sample_source or "given sample"
     if sample is None:
@@ -281,7 +286,7 @@ def export_onnx(model: torch.nn.Module, path: str | Path, ecfg, *, preprocessing
         raise ExportParityError(
             f"ONNX/torch parity lost on the mask output: max |diff| {par['mask_max_abs_diff']} (allowed "
             f"{float(ecfg.atol) + 2 * par['torch_float64_diff']:.3g}) on {src}; the ONNX file is at {path} for inspection")
-    if par["max_abs_diff"] > report["parity"]["allowed_diff"] or par["top1_agreement"] < float(ecfg.min_top1_agreement):
+    if not (par["max_abs_diff"] <= report["parity"]["allowed_diff"]) or par["top1_agreement"] < float(ecfg.min_top1_agreement):
         report["parity"]["passed"] = False
         raise ExportParityError(
             f"ONNX/torch parity lost: max |diff| {par['max_abs_diff']:.3g} (allowed {report['parity']['allowed_diff']:.3g} = "
