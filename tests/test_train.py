@@ -67,6 +67,17 @@ def test_training_resumes_from_last_epoch(tmp_path):
     assert r2.history[:2] == r1.history          # the first two epochs were loaded, not re-trained
 
 
+def test_a_training_folder_never_resumes_on_other_data(tmp_path):
+    from edgeus.errors import InputError
+
+    args = ["data.n_per_class=12", "data.image_size=32", "data.phantom_size=64", "model.width=0.25", "train.epochs=1"]
+    train_from_config(compose(args), tmp_path)
+    with pytest.raises(InputError, match="holds a training on other data"):
+        train_from_config(compose(args + ["data.seed=1"]), tmp_path)      # another split of the phantom
+    r, _ = train_from_config(compose(args + ["data.seed=1", "train.resume=false"]), tmp_path)
+    assert [h["epoch"] for h in r.history] == [1]
+
+
 def test_cli_train_and_eval(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     common = ["data.n_per_class=12", "data.image_size=32", "data.phantom_size=64"]

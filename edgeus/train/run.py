@@ -70,6 +70,20 @@ def train_from_config(cfg, out_dir: str | Path | None = None, bundle=None):
                        distributed=distributed, config_yaml=C.to_yaml(cfg))
 
 
+def _same_data_or_fail(out: Path, bundle, train_cfg) -> None:
+    """A folder holding an interrupted training continues only on the same images (train.resume)."""
+    saved = out / "data.json"
+    if not (train_cfg.resume and (out / "last.pt").is_file() and saved.is_file()):
+        return
+    old = json.loads(saved.read_text())
+    if old.get("fingerprint") != bundle.fingerprint() or old.get("classes") != bundle.classes:
+        from edgeus.errors import InputError
+
+        raise InputError(f"train.out={out} holds a training on other data ({old.get('dataset')}, classes "
+                         f"{old.get('classes')}); it would resume from it. Use another train.out, or "
+                         "train.resume=false to start over there")
+
+
 def train_model(model_cfg, data_cfg, train_cfg, *, seed: int, out_dir: str | Path, bundle=None, device: str = "cpu",
                 distributed: bool = False, config_yaml: str | None = None):
     """Train a classifier from its sections: ``model_cfg`` (the ``model`` section: a fresh model), or
@@ -100,7 +114,10 @@ def train_model(model_cfg, data_cfg, train_cfg, *, seed: int, out_dir: str | Pat
     weights = bundle.class_weights() if data_cfg.balance == "weights" else None
     trainable = Supervised(model, weights, float(train_cfg.label_smoothing))
     if D.is_main():
+        _same_data_or_fail(out, bundle, train_cfg)
         out.mkdir(parents=True, exist_ok=True)
+        (out / "data.json").write_text(json.dumps({"fingerprint": bundle.fingerprint(), "classes": bundle.classes,
+                                                   "dataset": bundle.name}))
         if config_yaml is not None:
             (out / "config.yaml").write_text(config_yaml)
     result = fit(trainable, loaders, train_cfg, out, classes=bundle.classes, preprocessing=bundle.preprocessing,
