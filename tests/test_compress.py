@@ -48,6 +48,14 @@ def test_every_stage_leaves_its_artifacts_and_a_ledger_row(tiny_run):
     assert rows["decompose"]["macs"] <= rows["prune"]["macs"]
     assert (out / "00-teacher" / "model.pt").is_file() and (out / "01-prune" / "model.pt").is_file()
     assert (out / "config.yaml").is_file() and (out / "ledger.md").read_text().startswith("| stage")
+    # every model row carries its paired comparison with the teacher (student − teacher, same images)
+    assert "vs_teacher" not in rows["teacher"]
+    for name in ("prune", "decompose", "quantize", "baseline: teacher int8 (ORT)"):
+        vs = rows[name]["vs_teacher"]
+        acc = vs["intervals"]["accuracy"]
+        assert acc["lo"] <= acc["diff"] <= acc["hi"] and 0 <= vs["mcnemar"]["p_value"] <= 1
+        assert set(vs["flips"]) == {"normal", "benign", "malignant"} and vs["n"] == rows[name]["metrics"]["n"]
+    assert "acc vs teacher [95 % CI]" in (out / "ledger.md").read_text()
 
 
 @pytest.mark.slow

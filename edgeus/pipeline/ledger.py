@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from edgeus.stats import fmt_interval
+
 
 def write_json(path: Path, obj) -> None:
     """Write to a temporary name, then rename: a killed process never leaves half a file."""
@@ -47,9 +49,11 @@ def _size(b):
 
 
 def markdown(rows: list[dict], classes: list[str], critical: str | None = None) -> str:
+    """The ledger as a markdown table; the interval column is student − teacher on the same test images
+    (paired bootstrap, edgeus.stats), in points."""
     rec = [critical] + [c for c in classes if c != critical] if critical in classes else list(classes)
     head = ["stage", "params", "MACs", "bytes", "ORT ms", "speed-up", "acc", "macro-F1", "AUC", "ECE"] + \
-        [f"recall {c}" for c in rec] + ["wall s"]
+        [f"recall {c}" for c in rec] + ["acc vs teacher [95 % CI]", "McNemar p", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         m = r.get("metrics") or {}
@@ -59,6 +63,9 @@ def markdown(rows: list[dict], classes: list[str], critical: str | None = None) 
                  _fmt(r.get("latency_ms"), ".2f"), _fmt(r.get("speedup"), ".2f") + ("×" if r.get("speedup") else ""),
                  _fmt(m.get("accuracy")), _fmt(m.get("macro_f1")), _fmt(m.get("auc")), _fmt(m.get("ece"))]
         cells += [_fmt((m.get("recall") or {}).get(c)) for c in rec]
+        vs = r.get("vs_teacher") or {}
+        cells.append(fmt_interval(vs["intervals"]["accuracy"]) if vs else "–")   # student − teacher, paired
+        cells.append(_fmt((vs.get("mcnemar") or {}).get("p_value"), ".3g"))
         cells.append(_fmt(r.get("wall_s"), ".1f"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -120,6 +120,15 @@ def _metrics(model_or_onnx, ctx, save: Path | None = None) -> dict:
     return out
 
 
+def brief_comparison(cmp: dict) -> dict:
+    """What a ledger row keeps of :func:`edgeus.stats.compare`: intervals of student − teacher (accuracy,
+    macro-F1, AUC, each class's recall), the exact McNemar test and the flips per class."""
+    keep = {k: v for k, v in cmp["intervals"].items() if k == "accuracy" or k == "macro_f1" or k == "auc"
+            or k.startswith("recall/")}
+    return {"n": cmp["n"], "intervals": keep, "mcnemar": cmp["mcnemar"], "flips": cmp["flips"],
+            "agreement": cmp["agreement"], "confidence": cmp["intervals"]["_meta"]["confidence"]}
+
+
 def _comparison(ctx, name: str, row: dict) -> dict | None:
     """stats.compare of the teacher's and this row's test predictions (same images), for the gates."""
     import numpy as np
@@ -210,7 +219,8 @@ def _rows(ctx, name: str, res: StageResult, out: Path, wall: float) -> list[dict
     for b in res.baselines:
         like = next((r for r in state["rows"] if r["stage"] == (state.get("teacher_stage") if b.like == "teacher"
                                                                     else b.like)), None)
-        rows.append(_onnx_row(ctx, b.label, b.onnx, 0.0, like, of=name))
+        slug = "".join(c if c.isalnum() else "_" for c in b.label).strip("_")
+        rows.append(_onnx_row(ctx, b.label, b.onnx, 0.0, like, of=name, pred=out / f"predictions.{slug}.npz"))
     return rows
 
 
@@ -566,12 +576,18 @@ def _run(cfg, run_dir, state, bundle, device, recipe_stages, selected, applied) 
         write_json(out / "report.json", res.report)
         state["rows"] = [r for r in state["rows"] if r["stage"] != name and r.get("of") != name]
         rows = _rows(ctx, name, res, out, wall)
+        comparisons = {}
+        for r in rows:       # every model row against the teacher on the same images (edgeus.stats)
+            if r.get("predictions") and res.role != "teacher":
+                comparisons[r["stage"]] = _comparison(ctx, name, r)
+                if comparisons[r["stage"]] is not None:
+                    r["vs_teacher"] = brief_comparison(comparisons[r["stage"]])
         state["rows"].extend(rows)
         state["settings"][name] = _settings(cfg, name)
         if res.gated and rows[0].get("metrics"):
             teacher_m = ctx.state_metrics("teacher")
             results = G.check(name, teacher_m, rows[0]["metrics"], cfg.gates, bundle.classes,
-                              comparison=_comparison(ctx, name, rows[0]))
+                              comparison=comparisons.get(rows[0]["stage"]))
             state["gates"] = [g for g in state.get("gates", []) if g["stage"] != name] + results
             gate_failures = G.failures(results)
         if name not in state["done"]:
