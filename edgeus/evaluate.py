@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from edgeus.curves import average_precision
+from edgeus.stats import expected_calibration_error  # noqa: F401  (part of this module's API too)
 
 
 def _auc_binary(y: np.ndarray, score: np.ndarray) -> float | None:
@@ -29,18 +30,6 @@ def _auc_binary(y: np.ndarray, score: np.ndarray) -> float | None:
         ranks[order[i:j + 1]] = (i + j) / 2 + 1
         i = j + 1
     return float((ranks[y == 1].sum() - pos * (pos + 1) / 2) / (pos * neg))
-
-
-def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
-    conf = probs.max(1)
-    correct = (probs.argmax(1) == labels).astype(float)
-    edges = np.linspace(0, 1, bins + 1)
-    ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        sel = (conf > lo) & (conf <= hi)
-        if sel.any():
-            ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
-    return float(ece)
 
 
 def compute_metrics(labels, probs, classes, ece_bins: int = 15) -> dict:

@@ -96,10 +96,17 @@ def _macro_auc(y: np.ndarray, prob: np.ndarray) -> float:
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
-def _ece(y: np.ndarray, prob: np.ndarray, bins: int = 15) -> float:
-    from edgeus.evaluate import expected_calibration_error
-
-    return expected_calibration_error(y, prob, bins)
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
+    """Mean |accuracy − confidence| over ``bins`` equal-width confidence bins, weighted by their share."""
+    conf = probs.max(1)
+    correct = (probs.argmax(1) == labels).astype(float)
+    edges = np.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (conf > lo) & (conf <= hi)
+        if sel.any():
+            ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
+    return float(ece)
 
 
 def _interval(diff: np.ndarray, alpha: float) -> tuple[float | None, float | None]:
@@ -143,8 +150,9 @@ def paired_bootstrap(y, prob_t, prob_s, classes: list[str], *, n_boot: int = 200
     small = idx[: min(n_boot, 500)]
     put("auc", _macro_auc(y, prob_t), _macro_auc(y, prob_s),
         [_macro_auc(y[r], prob_t[r]) for r in small], [_macro_auc(y[r], prob_s[r]) for r in small])
-    put("ece", _ece(y, prob_t, ece_bins), _ece(y, prob_s, ece_bins),
-        [_ece(y[r], prob_t[r], ece_bins) for r in small], [_ece(y[r], prob_s[r], ece_bins) for r in small])
+    ece = expected_calibration_error
+    put("ece", ece(y, prob_t, ece_bins), ece(y, prob_s, ece_bins),
+        [ece(y[r], prob_t[r], ece_bins) for r in small], [ece(y[r], prob_s[r], ece_bins) for r in small])
     out["_meta"] = {"n": n, "n_boot": int(n_boot), "seed": int(seed), "confidence": 1 - alpha,
                     "method": "paired percentile bootstrap over images"}
     return out
