@@ -103,7 +103,7 @@ class GatesConfig:
     max_ece_rise: float = 0.05
     max_dice_drop: float = 0.02            # segmenting models (two-stage) only: mean Dice of the mask may fall this much
     # e.g. malignant or Severe_AS: named first in messages; must be a class of the data (checked before a
-    # run starts); "auto": the dataset's own (edgeus.pipeline.gates.DATASET_CRITICAL), none where it has none
+    # run starts); "auto": the dataset's own (edgeus.data.critical.DATASET_CRITICAL), none where it has none
     critical_class: Optional[str] = None
     enforce: bool = True
     mode: str = "point"                    # point | noninferiority (paired bootstrap interval within the margin)
@@ -313,7 +313,7 @@ def compose(overrides: list[str] | None = None, defaults: dict | None = None) ->
     cfg = _apply_dotted(cfg, dotted, "command line")
     cfg.command_line = [o for o in overrides]
     if cfg.gates.critical_class == "auto":   # the dataset's own critical class (edgeus.pipeline.gates)
-        from edgeus.pipeline.gates import resolve_critical_class
+        from edgeus.data.critical import resolve_critical_class
 
         cfg.gates.critical_class = resolve_critical_class("auto", cfg.data)
     return cfg
