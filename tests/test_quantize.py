@@ -626,3 +626,79 @@ def test_entropy_calibration_searches_thresholds(tmp_path):
     spec.method = "entropy"                                            # 20 images, batch 8: uniform batches of 5
     ent = C.compute_ranges(tmp_path / "lin.onnx", cs, tmp_path / "ent.json", symmetric=True)
     assert max(abs(v) for v in ent["input"]) < 0.5 * max(abs(v) for v in mm["input"]), (ent["input"], mm["input"])
+
+
+class _NormGate(torch.nn.Module):
+    """Conv -> channel LayerNorm (ReduceMean/Sub/Mul/Sqrt/Div, affine) -> sigmoid gate -> conv + residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.g = torch.nn.Parameter(torch.rand(1, 8, 1, 1) + 0.5)
+        self.b = torch.nn.Parameter(torch.randn(1, 8, 1, 1) * 0.1)
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        mu = y.mean(1, keepdim=True)
+        d = y - mu
+        n = d / torch.sqrt((d * d).mean(1, keepdim=True) + 1e-5) * self.g + self.b
+        z = torch.relu(self.c2(n * torch.sigmoid(n)) + y)
+        return self.fc(z.mean((2, 3)))
+
+
+def test_cpu_layout_quantises_integer_kernel_ops_only_and_keeps_norm_and_gates_float(tmp_path):
+    torch.manual_seed(0)
+    fp32 = tmp_path / "ng.onnx"
+    torch.onnx.export(_NormGate().eval(), (torch.randn(1, 1, 16, 16),), str(fp32), input_names=["input"],
+                      output_names=["logits"], dynamic_axes={"input": {0: "b"}, "logits": {0: "b"}}, opset_version=17,
+                      dynamo=False)
+    x = np.random.default_rng(0).normal(size=(32, 1, 16, 16)).astype(np.float32)
+    spec = C.CalibrationSpec(num_images=0, batch_size=8)
+    calib = C.CalibrationSet(x, np.zeros(len(x), np.int64), [str(i) for i in range(len(x))], spec, "0" * 64)
+    ranges = tmp_path / "ranges.json"
+    C.compute_ranges(fp32, calib, ranges)
+    lay = QDQLayout.from_target(compose(["target=cpu"]).target)
+    assert lay.quantized_op_types == qdq.CPU_OP_TYPES and "Mul" not in lay.quantized_op_types
+    out = qdq.quantize_model(fp32, tmp_path / "ng.int8.onnx", lay, ranges, "minmax")
+    m = onnx.load(str(out))
+    # every activation Q/DQ pair is there for an integer-kernel op: what reads a DQ'd activation is one of them
+    # (or a float op sharing its producer's pair: LayerNorm's ReduceMean/Sub read the Relu output the residual Add
+    # quantises), and no normalisation internal or gate output is quantised for a float consumer
+    inits = {t.name for t in m.graph.initializer}
+    prod = {o: n for n in m.graph.node for o in n.output}
+    cons: dict = {}
+    for n in m.graph.node:
+        for i in n.input:
+            cons.setdefault(i, []).append(n)
+    for n in m.graph.node:
+        if n.op_type != "DequantizeLinear" or n.input[0] in inits or prod[n.input[0]].input[0] in inits:
+            continue
+        readers = cons.get(n.output[0], [])
+        src = prod.get(prod[n.input[0]].input[0])               # the op whose output this pair quantises
+        assert (any(c.op_type in qdq.CPU_OP_TYPES for c in readers)
+                or src is None or src.op_type in qdq.CPU_OP_TYPES), ([c.op_type for c in readers], src.op_type)
+    both = [n for n in m.graph.node if n.op_type == "Add"
+            and all(i in prod and prod[i].op_type == "DequantizeLinear" for i in n.input)]
+    assert len(both) == 1                                        # the residual add, not eps / beta
+    q_of = {prod[n.input[0]].op_type for n in m.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in prod}
+    assert not {"Sigmoid", "Sqrt", "Div", "Sub"} & q_of
+    fl = qdq.float_elementwise(onnx.load(str(fp32)))
+    assert sum(n.op_type == "Add" for n in onnx.load(str(fp32)).graph.node if n.name in fl) >= 2
+    ref, got = run_logits(str(fp32), x), run_logits(str(out), x)
+    assert np.abs(ref - got).max() < 0.1 * np.abs(ref).max()
+
+
+def test_bundle_manifest_names_host_and_target_isa(trained, ptq, tmp_path, small_bundle):
+    import json
+
+    from edgeus.deploy import package
+
+    _, _, d = trained
+    cfg = compose(["target=cpu", "package.golden=2", "package.tar=false"])
+    out = package(None, tmp_path / "bundle", cfg.package, target=cfg.target, fp32_onnx=d / "fp32.onnx",
+                  int8_onnx=d / "cpu.int8.onnx", data=small_bundle)
+    isa_rec = json.loads((out / "manifest.json").read_text())["model"]["int8_isa"]
+    assert isa_rec["target_isa"] == "x86_avx2" and isa_rec["host_isa"]
+    assert "accuracy_mode" in isa_rec

@@ -411,11 +411,15 @@ def package(run_dir, out, pcfg, *, target, build_cfg=None, data=None, data_prepr
         (tmp / "tools").mkdir()
         shutil.copyfile(DEVICE_TOOL, tmp / "tools" / DEVICE_TOOL.name)
 
+        from edgeus.quantize.isa import isa_record
+
         man = mf.new_manifest(
             "bundle",
             model={"name": meta.get("arch", {}).get("name") if isinstance(meta.get("arch"), dict) else None,
                    "classes": list(classes), "preprocessing": prep, "inputs": inputs, "outputs": outputs,
                    "onnx": {k: f"model/{p.name}" for k, p in models.items()},
+                   # where the INT8 model's accuracy was measured (host ISA) and what it runs on (target ISA)
+                   **({"int8_isa": isa_record(models["int8"])} if "int8" in models else {}),
                    **({"segmentation": segmentation} if segmentation else {})},
             runtime_order=([tensorrt["engine"]] if tensorrt else []) + [f"model/{p.name}" for p in models.values()],
             tensorrt=tensorrt,

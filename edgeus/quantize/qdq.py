@@ -6,7 +6,9 @@ recipe, because what is fast or even accepted differs per backend:
 * ``onnxruntime`` (CPU, the default when the target says nothing): uint8 asymmetric activations,
   int8 symmetric per-channel weights, int32 bias — ONNX Runtime fuses this into QLinearConv /
   QGemm kernels (2.1x over FP32 for ResNet50 on the AVX2 machines here; symmetric int8
-  activations gave no gain there).
+  activations gave no gain there). Only the ops ONNX Runtime has integer kernels for (Conv, Gemm,
+  MatMul, Add, Concat, pooling) and the data movement between them are quantised (``CPU_OP_TYPES``);
+  gates, normalisation internals, Softmax and Add/Mul of constants stay in float.
 * ``tensorrt`` (Jetson, desktop GPUs): TensorRT's explicit quantisation — symmetric int8 with zero
   point 0 everywhere, per-output-channel weights (axis 0), per-tensor activations, float bias,
   a Q/DQ pair on each weight and a dedicated pair per consumer, Q/DQ on the *inputs* of
@@ -39,6 +41,19 @@ LAYOUTS = ("onnxruntime", "tensorrt")
 TRT_OP_TYPES = ["Conv", "ConvTranspose", "Gemm", "MatMul"]   # + the skip inputs of residual Adds (placement.py)
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 # ops whose quantisation only moves int8 data around (never worth a fallback on their own)
+# the onnxruntime (CPU) layout: the ops ONNX Runtime has integer kernels for (QLinearConv, QGemm,
+# QLinearMatMul/MatMulInteger, QLinearAdd, QLinearConcat, QLinearGlobalAveragePool/AveragePool) and the data
+# movement between them. Gates (Mul, Sigmoid), normalisation (ReduceMean, Sub, Pow, Sqrt, Div, ReduceL2,
+# InstanceNormalization), Softmax and thresholds stay in float, as in the TensorRT placement: quantising them
+# buys no integer kernel and costs accuracy (RSMAS-Net's channel LayerNorm squares its deviations in a Mul whose
+# uint8 output step, 150/255, rounds most squares to zero: that Mul quantised alone left 75 % top-1 agreement
+# with FP32 on BUSI's non-test images).
+CPU_OP_TYPES = ["Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Concat", "GlobalAveragePool", "AveragePool",
+                "MaxPool", "Relu", "Clip", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Split",
+                "Resize", "Pad"]
+# ops whose output is a normalisation statistic or its inverse: an Add/Mul reading one is a normalisation internal
+NORM_STATS = {"ReduceMean", "Pow", "Sqrt", "Div", "Reciprocal", "Sub", "ReduceL2", "ReduceSumSquare",
+              "InstanceNormalization", "LayerNormalization", "GroupNormalization"}
 DATA_MOVEMENT = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "MaxPool", "Relu", "Clip",
                  "Slice", "Gather", "Pad", "Identity", "Split", "Resize", "Where", "TopK", "GatherElements"}
 
@@ -124,7 +139,7 @@ class QDQLayout:
     def quantized_op_types(self) -> list[str] | None:
         if self.op_types:
             return list(self.op_types)
-        return list(TRT_OP_TYPES) if self.layout == "tensorrt" else None   # None = all ORT supports
+        return list(TRT_OP_TYPES) if self.layout == "tensorrt" else list(CPU_OP_TYPES)
 
     @property
     def residual_adds(self) -> bool:
@@ -183,6 +198,23 @@ def ort_arguments(layout: QDQLayout) -> dict:
     )
 
 
+def float_elementwise(model: onnx.ModelProto) -> list[str]:
+    """Add/Mul nodes the onnxruntime layout keeps in float although their op type is quantised: an operand
+    that is a constant (bias, eps, LayerNorm's affine scale and shift) or a normalisation statistic
+    (``ReduceMean(x) + eps``, ``(x - mean) * (x - mean)``)."""
+    const = {t.name for t in model.graph.initializer}
+    const |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    out = []
+    for n in model.graph.node:
+        if n.op_type not in ("Add", "Mul"):
+            continue
+        if any(i in const for i in n.input) or any(i in producer and producer[i].op_type in NORM_STATS
+                                                   for i in n.input):
+            out.append(n.name)
+    return out
+
+
 def quantize_model(fp32_path: str | Path, out_path: str | Path, layout: QDQLayout, ranges_cache: str | Path,
                    method: str, nodes_to_exclude: list[str] | tuple = (), overrides: dict | None = None,
                    nodes_to_quantize: list[str] | None = None) -> Path:
@@ -194,6 +226,10 @@ def quantize_model(fp32_path: str | Path, out_path: str | Path, layout: QDQLayou
     from onnxruntime.quantization import quantize_static
 
     kwargs = ort_arguments(layout)
+    if layout.layout == "onnxruntime" and layout.op_types is None:
+        # the default CPU set: constant-operand and normalisation Add/Mul stay float too (see CPU_OP_TYPES)
+        keep = float_elementwise(onnx.load(str(fp32_path), load_external_data=False))
+        nodes_to_exclude = list(nodes_to_exclude) + [n for n in keep if n not in set(nodes_to_exclude)]
     if overrides:
         kwargs["extra_options"]["TensorQuantOverrides"] = overrides
     out_path = Path(out_path)
@@ -352,5 +388,5 @@ def summary(model_or_path) -> dict:
     return {"quantized_nodes": len(q), "quantized_by_op": dict(sorted(ops.items())), **facts}
 
 
-__all__ = ["QDQLayout", "quantize_model", "bypass_qdq", "quantized_nodes", "fallback_candidates",
+__all__ = ["QDQLayout", "quantize_model", "float_elementwise", "CPU_OP_TYPES", "bypass_qdq", "quantized_nodes", "fallback_candidates",
            "layout_signature", "summary", "ort_arguments", "calibration_method", "LAYOUTS"]
