@@ -223,6 +223,13 @@ def run_dataset(name: str, extra: list[str], work: Path, a, host: dict) -> dict:
                                               test, target, fv, ft, host)
         # the CPU layouts: U8U8 and full-range U8S8 (cpu_vnni) beside reduce_range (cpu)
         base = compose(SETTINGS + extra + ["target=cpu"])
+        # the previous cpu layout: every op type in the model quantised (LayerNorm internals, gates, Softmax ...)
+        import onnx
+
+        every = sorted({n.op_type for n in onnx.load(str(fp32), load_external_data=False).graph.node})
+        lay = QDQLayout.from_target({**QDQLayout.from_target(base.target).to_dict(), "op_types": every})
+        rows["cpu all ops (previous layout)"] = one(fp32, work / name / f"{mname}.cpu.allops.int8.onnx", base, lay,
+                                                    data, test, "cpu", fv, ft, host)
         for label, quant in (("cpu u8u8", {"weight_type": "uint8", "weight_symmetric": False, "reduce_range": False}),
                              ("cpu_vnni (full-range u8s8)", None)):
             if quant is None:
@@ -268,6 +275,9 @@ def markdown(res: dict) -> str:
     lines = ["# quantize_ptq: PTQ alone (no fallback, no QAT)", "",
              f"Host: {h['isa']} ({h.get('int8_dot') or 'no int8 dot product'}); ONNX Runtime CPU INT8 kernels here: "
              f"{h['kernels']}.", "",
+             "cpu: the ops ONNX Runtime has integer kernels for (Conv, Gemm, MatMul, Add, Concat, pooling, data "
+             "movement), gates/normalisation/Softmax and Add/Mul of constants in float; 'cpu all ops' is the previous "
+             "layout (every op quantised). "
              "Goals: accuracy drop <= 1 point and every class's recall drop <= 2 points on val and test, FP32/INT8 "
              "top-1 agreement >= 99 % on every non-test image (train, val, one augmented view per train image). "
              "Drops are FP32 minus INT8 in points (negative: INT8 better). TensorRT layouts are evaluated by "
