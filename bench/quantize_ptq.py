@@ -343,7 +343,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", default="phantom,busi")
     p.add_argument("--busi", default="/work/shared/data/busi")
-    p.add_argument("--calibrators", default="minmax,percentile",
+    p.add_argument("--calibrators", default="minmax,percentile,mse",
                    help="entropy is not in the default: its KL search (2048 bins) takes minutes per model here")
     p.add_argument("--no-modelopt", dest="modelopt", action="store_false")
     p.add_argument("--modelopt-path", default=None, help="a directory holding nvidia-modelopt (pip install --target)")

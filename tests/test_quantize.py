@@ -702,3 +702,33 @@ def test_bundle_manifest_names_host_and_target_isa(trained, ptq, tmp_path, small
     isa_rec = json.loads((out / "manifest.json").read_text())["model"]["int8_isa"]
     assert isa_rec["target_isa"] == "x86_avx2" and isa_rec["host_isa"]
     assert "accuracy_mode" in isa_rec
+
+
+def test_mse_range_clips_a_rare_outlier_and_keeps_a_dense_range():
+    edges = np.linspace(-10, 10, 2049)
+    c = (edges[:-1] + edges[1:]) / 2
+    dense = np.where(np.abs(c) < 1, 100_000, 0)
+    lo, hi = C.mse_range(dense, edges, -1.0, 1.0)
+    assert (lo, hi) == pytest.approx((-1.0, 1.0), abs=0.02)               # nothing to clip
+    outlier = dense + np.where(np.abs(c - 9.99) < 0.01, 1, 0)           # one value at 10x the rest
+    lo, hi = C.mse_range(outlier, edges, -1.0, 10.0)
+    assert hi < 5.0 and lo == pytest.approx(-1.0, abs=0.05)
+    a, b = C.mse_range(outlier, edges, -1.0, 10.0, symmetric=True)
+    assert a == -b and b < 5.0
+
+
+def test_mse_calibration_writes_a_cache_quantize_static_reads(tmp_path):
+    torch.manual_seed(0)
+    fp32 = tmp_path / "ng.onnx"
+    torch.onnx.export(_NormGate().eval(), (torch.randn(1, 1, 16, 16),), str(fp32), input_names=["input"],
+                      output_names=["logits"], dynamic_axes={"input": {0: "b"}, "logits": {0: "b"}}, opset_version=17,
+                      dynamo=False)
+    x = np.random.default_rng(0).normal(size=(32, 1, 16, 16)).astype(np.float32)
+    spec = C.load_spec("mse")
+    assert spec.method == "mse"
+    calib = C.CalibrationSet(x, np.zeros(len(x), np.int64), [str(i) for i in range(len(x))], spec, "0" * 64)
+    ranges = C.compute_ranges(fp32, calib, tmp_path / "mse.json")
+    lay = QDQLayout.from_target(compose(["target=cpu"]).target)
+    out = qdq.quantize_model(fp32, tmp_path / "ng.int8.onnx", lay, tmp_path / "mse.json", "mse")
+    ref, got = run_logits(str(fp32), x), run_logits(str(out), x)
+    assert np.abs(ref - got).max() < 0.1 * np.abs(ref).max() and ranges

@@ -2,7 +2,7 @@
 
 A calibration *spec* (``calibration/<name>.yaml``) says how to draw the set: from the TRAIN split
 only (never val/test), N images (0 = all), class-balanced or not, seed, batch size, and the range
-method (min-max, entropy/KL, percentile). The set is drawn from ``bundle.train_plain`` — the train
+method (min-max, entropy/KL, percentile, MSE). The set is drawn from ``bundle.train_plain`` — the train
 split without augmentation, preprocessed exactly as at inference — and fingerprinted (file list +
 preprocessing + the bytes of the input tensors) so the same scales can be reproduced.
 
@@ -26,7 +26,7 @@ import numpy as np
 from edgeus.errors import EdgeusError
 
 log = logging.getLogger("edgeus.quantize")
-METHODS = ("minmax", "entropy", "percentile")
+METHODS = ("minmax", "entropy", "percentile", "mse")
 ENTROPY_BINS = 2048
 
 
@@ -207,6 +207,8 @@ def compute_ranges(model_path: str | Path, calib: CalibrationSet, cache_path: st
         options["moving_average"] = bool(spec.moving_average)
     if spec.method == "percentile":
         options["percentile"] = float(spec.percentile)
+    if spec.method == "mse":
+        options["num_bins"] = ENTROPY_BINS       # histogram of each tensor; the clip is chosen by mse_range
     if spec.method == "entropy":
         # ONNX Runtime's default histogram (128 bins) equals its 128 quantised bins, which leaves the KL
         # search a single candidate - the full min-max range. 2048 bins is TensorRT's entropy calibrator's.
@@ -217,10 +219,55 @@ def compute_ranges(model_path: str | Path, calib: CalibrationSet, cache_path: st
                                        calibrate_method=calibration_method(spec.method), extra_options=options)
         calibrator.collect_data(calib.reader(input_name, uniform=spec.method != "minmax"))
         data = calibrator.compute_data()
+        if spec.method == "mse":
+            data = _mse_data(calibrator.collector.histogram_dict, data, bool(symmetric))
         del calibrator
     save_tensors_data(data, cache_path)
     return {k: (float(np.asarray(v.range_value[0]).min()), float(np.asarray(v.range_value[1]).max()))
             for k, v in data.data.items()}
+
+
+def mse_range(hist: np.ndarray, edges: np.ndarray, lo: float, hi: float, symmetric: bool = False,
+              steps: int = 81) -> tuple[float, float]:
+    """The clipping range whose 8-bit quantisation (255 levels asymmetric, 254 symmetric) of the histogram has
+    the least squared error (rounding + clipping): symmetric, ``[-f a, f a]`` with ``a`` = max |min|, |max|;
+    asymmetric, first the upper end ``f hi`` with the lower end at ``lo``, then the lower end ``f lo`` with
+    that upper end (each end kept on its side of 0), ``f`` in [0.2, 1]."""
+    c = (edges[:-1] + edges[1:]) / 2
+    h = np.asarray(hist, np.float64)
+    levels = 254 if symmetric else 255
+
+    def err(a: float, b: float) -> float:
+        if b - a <= 0:
+            return np.inf
+        st = (b - a) / levels
+        q = np.clip(np.round((c - a) / st), 0, levels) * st + a
+        return float((h * (c - q) ** 2).sum())
+
+    fs = np.linspace(1.0, 0.2, steps)              # from no clipping down: ties keep the wider range
+    if symmetric:
+        amax = max(abs(lo), abs(hi))
+        f = min(fs, key=lambda f: err(-amax * f, amax * f))
+        return float(-amax * f), float(amax * f)
+    lo, hi = min(0.0, lo), max(0.0, hi)
+    b = hi * min(fs, key=lambda f: err(lo, hi * f)) if hi > 0 else 0.0
+    a = lo * min(fs, key=lambda f: err(lo * f, b)) if lo < 0 else 0.0
+    return float(a), float(b)
+
+
+def _mse_data(histograms: dict, data, symmetric: bool):
+    """ONNX Runtime ranges (``TensorsData``) with each tensor's range replaced by :func:`mse_range`."""
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData
+
+    out = {}
+    for name, td in data.data.items():
+        if name not in histograms:
+            out[name] = td
+            continue
+        hist, edges, lo, hi = histograms[name][:4]
+        a, b = mse_range(hist, edges, float(lo), float(hi), symmetric)
+        out[name] = TensorData(lowest=np.array(a, np.float32), highest=np.array(b, np.float32))
+    return TensorsData(data.calibration_method, out)    # quantize_static checks the cache's method
 
 
 def write_tensorrt_cache(ranges: dict[str, tuple[float, float]], path: str | Path, version: str = "8602",

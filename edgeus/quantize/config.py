@@ -26,7 +26,7 @@ class ExportConfig:
 class QuantizeConfig:
     enabled: bool = True
     calibration: str = "default"       # calibration spec: calibration/<name>.yaml or a path to a YAML file
-    method: Optional[str] = None       # minmax | entropy | percentile (overrides the spec; ORT has no MSE calibrator)
+    method: Optional[str] = None       # minmax | entropy | percentile | mse (overrides the spec; mse: edgeus's, on ORT's histograms)
     num_images: Optional[int] = None   # calibration images (overrides the spec; 0 = the whole train split)
     percentile: Optional[float] = None # percentile method (overrides the spec; default 99.99)
     eval_split: str = "val"            # split on which INT8 is compared with FP32 (never the calibration split)

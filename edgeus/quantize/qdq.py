@@ -163,7 +163,8 @@ def calibration_method(name: str):
     from onnxruntime.quantization import CalibrationMethod
 
     table = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-             "percentile": CalibrationMethod.Percentile}
+             "percentile": CalibrationMethod.Percentile,
+             "mse": CalibrationMethod.Percentile}          # a histogram calibrator; ranges chosen by mse_range
     if name not in table:
         raise EdgeusError(f"calibration method {name!r}; expected one of {', '.join(table)}")
     return table[name]
