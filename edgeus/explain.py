@@ -13,8 +13,8 @@ the CPU torch 2.13 here and neither needs torchvision): captum is maintained by 
 organisation with regular releases tracking new torch versions, its ``LayerGradCam`` takes any
 ``nn.Module`` layer and registers its hooks only for the duration of one ``attribute`` call (torchcam
 hooks the model from construction until ``remove_hooks()``, which a long-lived viewer that swaps
-models would have to manage), and it has a much larger user base. captum is an optional dependency
-(the ``[explain]`` extra): everything here except :func:`gradcam` works without it.
+models would have to manage), and it has a much larger user base. captum is a dependency of
+edgeus, imported lazily: everything here except :func:`gradcam` works without it.
 
 Saliency inside the lesion (images with a lesion mask only):
 
@@ -280,7 +280,7 @@ def gradcam(module, x, target=None, layer=None, preprocessing: dict | None = Non
     try:
         from captum.attr import LayerAttribution, LayerGradCam
     except ImportError:
-        raise MissingDependencyError("saliency maps need captum: pip install 'edgeus[explain]' (or pip install captum)") from None
+        raise MissingDependencyError("saliency maps need captum: pip install captum (a dependency of edgeus)") from None
     x = torch.as_tensor(x, dtype=torch.float32)
     if layer is None:
         pre = preprocessing or {"image_size": x.shape[-1], "in_chans": x.shape[1]}

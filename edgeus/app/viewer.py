@@ -263,7 +263,7 @@ class ViewerWindow(QMainWindow):
                     note = (f"Grad-CAM inside the lesion: {fr:.2f} of its mass; peak "
                             f"{'inside' if pg else 'outside'}") if fr is not None else ""
             if cam is None and self.cam is False:
-                note = (note + "\n" if note else "") + "saliency: install captum (edgeus[explain])"
+                note = (note + "\n" if note else "") + "saliency: captum is missing (pip install captum)"
             elif cam is None:
                 note = (note + "\n" if note else "") + "saliency: no torch model behind this model"
             panel.show_result(rgb, e.probs[name], note)

@@ -7,8 +7,8 @@
     edgeus predict runs/<run> scans/ --cam cams/                   # a run directory: its deployed student
 
 Prints one line per image: the class and every class's probability (``--json``: one JSON document
-on stdout instead). ``--cam DIR`` writes a Grad-CAM overlay per image (needs captum, the
-``[explain]`` extra) for the torch model behind the model given: for a run (or a bundle, ONNX file or
+on stdout instead). ``--cam DIR`` writes a Grad-CAM overlay per image (captum, a
+dependency of edgeus) for the torch model behind the model given: for a run (or a bundle, ONNX file or
 checkpoint inside one) the teacher (``00-teacher/model.pt``) and the student (the last torch stage)
 side by side; for a lone checkpoint, that checkpoint. Where a lesion mask lies beside an image
 (BUSI naming, ``<name>_mask.png``) each map's "saliency inside the lesion" is given: the fraction of

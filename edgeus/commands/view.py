@@ -5,7 +5,7 @@
     edgeus view runs/<run> scans/                # open a folder of images straight away
 
 Needs the optional ``[app]`` extra (PySide6-Essentials, LGPL): ``pip install 'edgeus[app]'``;
-saliency overlays need captum (``[explain]``). The list flags images on which teacher and
+saliency overlays use captum (a dependency of edgeus). The list flags images on which teacher and
 student disagree; lesion masks beside images (``<name>_mask.png``) are outlined and scored.
 """
 from __future__ import annotations

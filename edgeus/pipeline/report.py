@@ -843,7 +843,7 @@ def _saliency_sections(run_dir, state, pred, classes, figs, images, seed, max_im
         else:
             sec += ["No test image has a lesion mask: no in-lesion score.", ""]
     elif not have_captum:
-        sec = ["Grad-CAM needs captum (`pip install 'edgeus[explain]'`): not installed, no saliency section.", ""]
+        sec = ["Grad-CAM needs captum (`pip install captum`): not installed, no saliency section.", ""]
         cams = None
     gal = []
     if pred and "y" in pred and n:
