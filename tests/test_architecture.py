@@ -7,7 +7,7 @@ PKG = Path(__file__).resolve().parents[1] / "edgeus"
 
 # (layer, module prefixes); the longest matching prefix decides a module's layer
 LAYERS = [
-    (0, ["edgeus.errors", "edgeus.resources", "edgeus.threads", "edgeus.stats", "edgeus.curves",
+    (0, ["edgeus.errors", "edgeus.resources", "edgeus.threads", "edgeus.stats", "edgeus.curves", "edgeus.lazy",
          "edgeus.decompose.config", "edgeus.deploy.config", "edgeus.distill.config", "edgeus.prune.config",
          "edgeus.quantize.config"]),                                       # foundations and settings schemas
     (1, ["edgeus.models", "edgeus.data", "edgeus.train.checkpoint"]),      # architectures, data, model files

@@ -10,7 +10,7 @@ Imports are lazy: ``edgeus.config`` imports ``edgeus.decompose.config`` and must
 """
 from __future__ import annotations
 
-import importlib
+from edgeus.lazy import lazy_exports
 
 _EXPORTS = {
     "decompose_model": "edgeus.decompose.api",
@@ -26,7 +26,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'edgeus.decompose' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -14,7 +14,7 @@ not pull in torch.
 """
 from __future__ import annotations
 
-import importlib
+from edgeus.lazy import lazy_exports
 
 _API = {
     **{n: "edgeus.distill.base" for n in ("DEFAULT_WEIGHTS", "LOSSES", "CE", "Distiller", "LossTerm", "Outputs",
@@ -35,9 +35,4 @@ __all__ = sorted(_API)
 _LOSS_MODULES = ("edgeus.distill.kd", "edgeus.distill.dkd", "edgeus.distill.fitnet", "edgeus.distill.at")
 
 
-def __getattr__(name: str):
-    if name in _API:
-        for mod in _LOSS_MODULES:
-            importlib.import_module(mod)
-        return getattr(importlib.import_module(_API[name]), name)
-    raise AttributeError(f"module 'edgeus.distill' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _API, first=_LOSS_MODULES)

@@ -11,7 +11,7 @@ Imports are lazy: onnx, onnxruntime and torch load when a function is used.
 """
 from __future__ import annotations
 
-import importlib
+from edgeus.lazy import lazy_exports
 
 _API = {
     "export_onnx": "edgeus.onnx.export",
@@ -28,7 +28,4 @@ _API = {
 __all__ = list(_API)
 
 
-def __getattr__(name: str):
-    if name in _API:
-        return getattr(importlib.import_module(_API[name]), name)
-    raise AttributeError(f"module 'edgeus.onnx' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _API)

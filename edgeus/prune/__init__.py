@@ -15,7 +15,7 @@ Imports are lazy: ``edgeus.config`` imports ``edgeus.prune.config`` and must not
 """
 from __future__ import annotations
 
-import importlib
+from edgeus.lazy import lazy_exports
 
 _API = {
     "PruneConfig": "edgeus.prune.config",
@@ -27,7 +27,4 @@ _API = {
 __all__ = sorted(_API)
 
 
-def __getattr__(name: str):
-    if name in _API:
-        return getattr(importlib.import_module(_API[name]), name)
-    raise AttributeError(f"module 'edgeus.prune' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _API)
