@@ -30,3 +30,42 @@ def small_bundle(small_cfg):
     from edgeus.data import build_datasets
 
     return build_datasets(small_cfg.data)
+
+
+# a tiny compress run with every stage and a bundle (predict, viewer): no report, no robustness
+SMALL_RUN = ("recipe=rsmas_int8", "model.name=simple_cnn", "prune.finetune_epochs=1", "decompose.finetune_epochs=1",
+             "quantize.qat=false", "compress.latency_iters=2", "compress.robustness=false", "compress.report=false",
+             "gates.enforce=false")
+
+
+def small_run(out):
+    from edgeus.pipeline.runner import compress
+
+    compress(make_cfg(*SMALL_RUN, f"out={out}"))
+    return out
+
+
+def phantom_pngs(d, n_per_class: int, seed: int, name: str = "{cls}_{i}"):
+    """Phantom scans saved as PNG files in ``d``, a BUSI-style ``<name>_mask.png`` beside each lesion."""
+    from PIL import Image
+
+    from edgeus.data import phantom
+
+    imgs, masks, labels, _ = phantom.generate(n_per_class, seed, 64, list(phantom.CLASSES))
+    for i, (im, m, y) in enumerate(zip(imgs, masks, labels)):
+        stem = name.format(cls=phantom.CLASSES[y], i=i)
+        Image.fromarray((im * 255).astype("uint8")).save(d / f"{stem}.png")
+        if m.any():
+            Image.fromarray((m * 255).astype("uint8")).save(d / f"{stem}_mask.png")
+    return d
+
+
+def fail_every_gate(monkeypatch):
+    """Make the ECE gate fail whatever the student does (a negative tolerance is refused at compose)."""
+    from omegaconf import OmegaConf
+
+    from edgeus.pipeline import gates as G
+
+    real = G.check
+    monkeypatch.setattr(G, "check", lambda stage, t, s, gates, classes, *a, **k: real(
+        stage, t, s, OmegaConf.merge(gates, {"max_ece_rise": -1.0}), classes, *a, **k))

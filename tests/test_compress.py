@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import TINY as BASE, make_cfg
+from conftest import TINY as BASE, fail_every_gate, make_cfg
 
 from edgeus.errors import GateError
 from edgeus.pipeline import compress
@@ -77,19 +77,8 @@ def test_bundle_verifies(tiny_run):
     assert result["bundle"] and verify(result["bundle"])["ok"]
 
 
-def always_fail_ece(monkeypatch):
-    """Make the ECE gate fail whatever the student does (a negative tolerance is refused at compose)."""
-    from omegaconf import OmegaConf
-
-    from edgeus.pipeline import gates as G
-
-    real = G.check
-    monkeypatch.setattr(G, "check", lambda stage, t, s, gates, classes, *a, **k: real(
-        stage, t, s, OmegaConf.merge(gates, {"max_ece_rise": -1.0}), classes, *a, **k))
-
-
 def test_failed_gate_names_stage_and_metric_and_keeps_artifacts(tmp_path, monkeypatch):
-    always_fail_ece(monkeypatch)
+    fail_every_gate(monkeypatch)
     cfg = make_cfg(*TINY, f"out={tmp_path / 'g'}", "recipe.stages=[teacher,prune]", "compress.robustness=false",
                    tiny=False)
     with pytest.raises(GateError, match="prune: ECE"):

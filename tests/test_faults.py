@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY as BASE
+from conftest import TINY as BASE, fail_every_gate
 from conftest import make_cfg
 
 from edgeus.errors import GateError
@@ -257,16 +257,6 @@ def test_package_out_never_replaces_a_users_files(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------ gates
-
-def fail_every_gate(monkeypatch):
-    from omegaconf import OmegaConf
-
-    from edgeus.pipeline import gates as G
-
-    real = G.check
-    monkeypatch.setattr(G, "check", lambda stage, t, s, gates, classes, *a, **k: real(
-        stage, t, s, OmegaConf.merge(gates, {"max_ece_rise": -1.0}), classes, *a, **k))
-
 
 def test_a_failed_gate_stays_failed_on_resume_and_ships_nothing(tmp_path, monkeypatch):
     from edgeus.cli import main

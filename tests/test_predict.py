@@ -7,37 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_cfg
-
-RUN_ARGS = ("recipe=rsmas_int8", "model.name=simple_cnn", "prune.finetune_epochs=1", "decompose.finetune_epochs=1",
-            "quantize.qat=false", "compress.latency_iters=2", "compress.robustness=false", "compress.report=false",
-            "gates.enforce=false")
-
+from conftest import phantom_pngs, small_run
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A tiny compress run (every stage, phantom) with a bundle, shared by this file's tests."""
-    from edgeus.pipeline.runner import compress
-
-    out = tmp_path_factory.mktemp("predict") / "run"
-    compress(make_cfg(*RUN_ARGS, f"out={out}"))
-    return out
+    return small_run(tmp_path_factory.mktemp("predict") / "run")
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     """Phantom scans as PNG files with BUSI-style masks beside those with a lesion."""
-    from PIL import Image
-
-    from edgeus.data import phantom
-
-    d = tmp_path_factory.mktemp("imgs")
-    imgs, masks, labels, _ = phantom.generate(1, 11, 64, list(phantom.CLASSES))
-    for i, (im, m, y) in enumerate(zip(imgs, masks, labels)):
-        Image.fromarray((im * 255).astype("uint8")).save(d / f"{phantom.CLASSES[y]}_{i}.png")
-        if m.any():
-            Image.fromarray((m * 255).astype("uint8")).save(d / f"{phantom.CLASSES[y]}_{i}_mask.png")
-    return d
+    return phantom_pngs(tmp_path_factory.mktemp("imgs"), 1, 11, "{cls}_{i}")
 
 
 def test_lesion_scores():

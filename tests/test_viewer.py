@@ -10,11 +10,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 pytest.importorskip("PySide6", reason="PySide6 not installed: the viewer is the optional [app] extra "
                                       "(pip install 'edgeus[app]')")
 
-from conftest import make_cfg  # noqa: E402
-
-RUN_ARGS = ("recipe=rsmas_int8", "model.name=simple_cnn", "prune.finetune_epochs=1", "decompose.finetune_epochs=1",
-            "quantize.qat=false", "compress.latency_iters=2", "compress.robustness=false", "compress.report=false",
-            "gates.enforce=false")
+from conftest import phantom_pngs, small_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -26,26 +22,14 @@ def qapp():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from edgeus.pipeline.runner import compress
-
-    out = tmp_path_factory.mktemp("viewer") / "run"
-    compress(make_cfg(*RUN_ARGS, f"out={out}"))
-    return out
+    """A tiny compress run (every stage, phantom) with a bundle, shared by this file's tests."""
+    return small_run(tmp_path_factory.mktemp("viewer") / "run")
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    from PIL import Image
-
-    from edgeus.data import phantom
-
-    d = tmp_path_factory.mktemp("imgs")
-    imgs, masks, labels, _ = phantom.generate(2, 3, 64, list(phantom.CLASSES))
-    for i, (im, m, y) in enumerate(zip(imgs, masks, labels)):
-        Image.fromarray((im * 255).astype("uint8")).save(d / f"{i:02d}_{phantom.CLASSES[y]}.png")
-        if m.any():
-            Image.fromarray((m * 255).astype("uint8")).save(d / f"{i:02d}_{phantom.CLASSES[y]}_mask.png")
-    return d
+    """Phantom scans as PNG files with BUSI-style masks beside those with a lesion."""
+    return phantom_pngs(tmp_path_factory.mktemp("imgs"), 2, 3, "{i:02d}_{cls}")
 
 
 def _expected(run, images):
