@@ -90,7 +90,8 @@ def test_ledger_csv_and_figures(run):
     assert "recall_malignant" in rows[0]
     md = (run / "report.md").read_text()
     figs = re.findall(r"\]\((figures/[^)]+\.png)\)", md)
-    assert {"figures/headline.png", "figures/bench.png", "figures/stages.png", "figures/robustness.png"} <= set(figs)
+    assert {"figures/headline.png", "figures/bench.png", "figures/stages.png", "figures/robustness.png",
+            "figures/curves.png"} <= set(figs)                      # ROC and PR curves per class (seed 000)
     for fig in figs:
         w, h = Image.open(run / fig).size
         assert w <= 900, (fig, w)          # drawn for a 900 px page, not shrunk into illegibility

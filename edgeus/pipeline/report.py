@@ -156,6 +156,13 @@ def _predictions(run_dir: Path, ledger: dict, state: dict, cfg, bundle=None) -> 
     if tm.get("probs") is not None and sm.get("probs") is not None and tm.get("labels") is not None:
         out.update(y=np.asarray(tm["labels"]), pt=np.asarray(tm["probs"]), ps=np.asarray(sm["probs"]),
                    source="stored in the ledger rows")
+    else:      # the runner keeps each row's test predictions beside it (NN-<stage>/predictions*.npz)
+        tp, sp = _resolve(run_dir, t.get("predictions")), _resolve(run_dir, s.get("predictions"))
+        if tp is not None and sp is not None and tp.is_file() and sp.is_file():
+            with np.load(tp) as a, np.load(sp) as b:
+                if np.array_equal(a["labels"], b["labels"]):
+                    out.update(y=a["labels"], pt=a["probs"], ps=b["probs"],
+                               source="the runner's stored test predictions of both rows")
     if bundle is not None:
         out["bundle"] = bundle
     elif cfg is not None:
@@ -319,6 +326,35 @@ def fig_confusion(cm_t, cm_s, classes, student_name: str, path: Path) -> Path:
         ax.set_xlabel("predicted", fontsize=8)
         ax.set_ylabel("true", fontsize=8)
         ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def fig_curves(y, pt, ps, classes, student_name: str, path: Path) -> Path:
+    """ROC and precision-recall curves per class (one-vs-rest), teacher solid, student dashed."""
+    from edgeus.curves import class_curves
+
+    ct, cs = class_curves(y, pt, classes), class_curves(y, ps, classes)
+    fig, axes = plt.subplots(1, 2, figsize=(8.6, 3.8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, c in enumerate(classes):
+        col = colors[i % len(colors)]
+        for cur, style, who in ((ct[c], "-", "teacher"), (cs[c], "--", student_name)):
+            auc = "n/a" if cur["auc"] is None else f"{cur['auc']:.3f}"
+            ap = "n/a" if cur["ap"] is None else f"{cur['ap']:.3f}"
+            axes[0].plot(cur["roc"]["fpr"], cur["roc"]["tpr"], style, color=col, lw=1.3, label=f"{c}, {who}: AUC {auc}")
+            rec, prec = cur["pr"]["recall"], cur["pr"]["precision"]   # its closing point (0, 1) goes first
+            axes[1].plot([rec[-1], *rec[:-1]], [prec[-1], *prec[:-1]], style, color=col, lw=1.3,
+                         label=f"{c}, {who}: AP {ap}")
+    axes[0].plot([0, 1], [0, 1], ":", color="grey", lw=0.8)
+    axes[0].set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (one class vs the rest)")
+    axes[1].set(xlabel="recall", ylabel="precision", title="Precision-recall")
+    for ax in axes:
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="lower right" if ax is axes[0] else "lower left")
+        ax.title.set_fontsize(9)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -640,6 +676,11 @@ def write_report(run_dir: str | Path, bundle=None) -> dict:
             images["confusion"] = fig_confusion(tm["confusion"], sm["confusion"], classes, student["stage"],
                                                 figs / "confusion.png")
             sec += ["![Confusion matrices](figures/confusion.png)", ""]
+        images["curves"] = fig_curves(pred["y"], pred["pt"], pred["ps"], classes, student["stage"],
+                                      figs / "curves.png")
+        sec += ["Per class, one against the rest: ROC-AUC and average precision (PR-AP, as seed 000 reports "
+                "for both of its classes), teacher solid, student dashed.", "", "![ROC and PR curves](figures/curves.png)",
+                ""]
         sections.append(("Teacher vs student on the test split", sec))
 
     # --- timing
