@@ -153,6 +153,7 @@ class EdgeusConfig:
     resume: Optional[str] = None       # compress: continue this run directory
     stages: Optional[List[str]] = None # compress: run only these stages
     out: Optional[str] = None          # generic output path for single commands
+    overwrite: bool = False            # single commands: replace an existing output file or folder
     run: Optional[str] = None          # eval: a compress run directory (same as eval.run)
     command_line: List[str] = field(default_factory=list)  # the key=value arguments composed (recorded)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)

@@ -256,6 +256,20 @@ def test_package_out_never_replaces_a_users_files(tmp_path, capsys):
     assert rc == 2 and (tmp_path / "fw2.tar.gz").read_text() == "old archive"
 
 
+def test_single_commands_never_replace_an_existing_output(tmp_path, capsys):
+    from edgeus.models import create_model
+    from edgeus.train.checkpoint import save_checkpoint
+
+    ckpt = save_checkpoint(tmp_path / "m.pt", create_model("simple_cnn", width=0.25), classes=["a", "b", "c"],
+                           preprocessing={"image_size": 32, "in_chans": 1, "mean": [0.5], "std": [0.25]})
+    mine = tmp_path / "m.onnx"
+    mine.write_text("a user's file")
+    rc, err = main_rc(capsys, "export", str(ckpt))
+    assert rc == 2 and "m.onnx exists" in err and "overwrite=true" in err and mine.read_text() == "a user's file"
+    rc, _ = main_rc(capsys, "export", str(ckpt), "overwrite=true")
+    assert rc == 0 and mine.read_bytes()[:1] != b"a"
+
+
 # ------------------------------------------------------------------------------------------ gates
 
 def test_a_failed_gate_stays_failed_on_resume_and_ships_nothing(tmp_path, monkeypatch):

@@ -20,12 +20,13 @@ USAGE = "<model.onnx> target=<name> out=<dir> [build.dla_core=0] [key=value ...]
 
 
 def run(cfg, args):
+    from edgeus.commands.common import new_output
     from edgeus.deploy import build
 
     if len(args) != 1:
         raise EdgeusError(f"expected one ONNX model, got {len(args)} paths; usage: edgeus build {USAGE}")
     onnx_path = Path(args[0])
-    out = Path(cfg.out) if cfg.out else onnx_path.parent / f"build-{cfg.target.name}"
+    out = new_output(cfg.out or onnx_path.parent / f"build-{cfg.target.name}", cfg, "build folder")
     r = build(onnx_path, cfg.target, cfg.build, out)
     c = r["compat"]
     print(f"TensorRT compatibility ({cfg.target.name}): {'ok' if c['ok'] else 'FAILED'}"

@@ -23,7 +23,7 @@ USAGE = "<checkpoint.pt> [decompose.rank_mode=budget] [decompose.target_macs=0.5
 
 
 def run(cfg, args):
-    from edgeus.commands.common import checkpoint_argument
+    from edgeus.commands.common import checkpoint_argument, new_output
     from edgeus.config import to_yaml
     from edgeus.decompose.api import decompose_model, format_table
     from edgeus.errors import EdgeusError
@@ -31,7 +31,7 @@ def run(cfg, args):
     from edgeus.train.run import resolve_device
 
     src, model, ckpt = checkpoint_argument(cfg, args, "decompose")
-    out = Path(cfg.out) if cfg.out else src.with_name(f"{src.stem}.decomposed.pt")
+    out = new_output(cfg.out or src.with_name(f"{src.stem}.decomposed.pt"), cfg, "decomposed checkpoint")
     device = resolve_device(cfg.device)
 
     bundle = None

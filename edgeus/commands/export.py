@@ -17,7 +17,7 @@ USAGE = "<checkpoint.pt> [export.path=out.onnx] [export.opset=17] [key=value ...
 
 
 def run(cfg, args):
-    from edgeus.commands.common import checkpoint_argument
+    from edgeus.commands.common import checkpoint_argument, new_output
     from edgeus.errors import EdgeusError
     from edgeus.onnx.export import export_onnx, parity_sample, target_opset
 
@@ -37,7 +37,7 @@ def run(cfg, args):
         pre = {"image_size": int(cfg.data.image_size), "in_chans": int(arch.get("in_chans") or cfg.data.in_chans),
                "mean": [float(v) for v in cfg.data.mean], "std": [float(v) for v in cfg.data.std]}
     sample, source = parity_sample(bundle.val, int(cfg.export.parity_samples)) if bundle is not None else (None, None)
-    out = Path(cfg.export.path or cfg.out or ckpt_path.with_suffix(".onnx"))
+    out = new_output(cfg.export.path or cfg.out or ckpt_path.with_suffix(".onnx"), cfg, "ONNX export")
     report = export_onnx(model, out, cfg.export, preprocessing=pre, classes=classes or None, sample=sample,
                          sample_source=source, target_opset=target_opset(cfg.target), seed=int(cfg.seed),
                          data=ckpt.get("data"))

@@ -31,7 +31,7 @@ def _fmt(n: float) -> str:
 
 
 def run(cfg, args):
-    from edgeus.commands.common import checkpoint_argument
+    from edgeus.commands.common import checkpoint_argument, new_output
     from omegaconf import OmegaConf
 
     from edgeus.finetune import make_finetuner
@@ -48,7 +48,7 @@ def run(cfg, args):
         from edgeus.data import build_datasets
 
         bundle = build_datasets(cfg.data)
-    out = Path(cfg.out or src.with_name(src.stem + ".pruned.pt"))
+    out = new_output(cfg.out or src.with_name(src.stem + ".pruned.pt"), cfg, "pruned checkpoint")
     teacher = None
     if cfg.teacher.checkpoint and cfg.prune.use_teacher:
         teacher, _ = load_checkpoint(cfg.teacher.checkpoint)

@@ -29,6 +29,7 @@ USAGE = "<model.onnx> [target=<name>] [quantize.out=...] [quantize.checkpoint=st
 
 
 def run(cfg, args):
+    from edgeus.commands.common import new_output
     from edgeus.data import build_datasets
     from edgeus.errors import EdgeusError
     from edgeus.onnx.metadata import read_metadata
@@ -53,7 +54,7 @@ def run(cfg, args):
     if classes:
         cfg.data.classes = list(classes)
     bundle = build_datasets(cfg.data)
-    out = Path(cfg.quantize.out or cfg.out or src.with_name(src.stem + ".int8.onnx"))
+    out = new_output(cfg.quantize.out or cfg.out or src.with_name(src.stem + ".int8.onnx"), cfg, "INT8 model")
     r = quantize_onnx(src, out, cfg.quantize, layout=QDQLayout.from_target(cfg.target), target=cfg.target.name,
                       **inputs_from_bundle(bundle, cfg.quantize), qat=_qat_setup(cfg, bundle, model))
     out.with_suffix(".quantize.json").write_text(json.dumps(r, indent=2, default=str))
