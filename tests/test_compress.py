@@ -77,6 +77,7 @@ def test_bundle_verifies(tiny_run):
     assert result["bundle"] and verify(result["bundle"])["ok"]
 
 
+@pytest.mark.slow
 def test_failed_gate_names_stage_and_metric_and_keeps_artifacts(tmp_path, monkeypatch):
     fail_every_gate(monkeypatch)
     cfg = make_cfg(*TINY, f"out={tmp_path / 'g'}", "recipe.stages=[teacher,prune]", "compress.robustness=false",

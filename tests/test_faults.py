@@ -272,6 +272,7 @@ def test_single_commands_never_replace_an_existing_output(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------ gates
 
+@pytest.mark.slow
 def test_a_failed_gate_stays_failed_on_resume_and_ships_nothing(tmp_path, monkeypatch):
     from edgeus.cli import main
 

@@ -102,7 +102,8 @@ def test_onnx_export_matches_torch(name):
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "two_stage_published" else n
+                                  for n in ALL])
 def test_edgeus_train_on_phantom(name, tmp_path):
     from edgeus.config import compose
     from edgeus.train.checkpoint import load_checkpoint

@@ -46,8 +46,8 @@ def _onnx_parity(model, x, path):
     return float(np.abs(got - ref).max()), float(np.abs(ref).max())
 
 
-# models whose dependency graph takes a minute or more to trace and prune on 2 cores
-SLOW_MODELS = {"densenet201"}
+# models whose dependency graph takes half a minute or more to trace and prune on 2 cores
+SLOW_MODELS = {"densenet201", "two_stage_published"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_MODELS else n

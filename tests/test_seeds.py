@@ -148,6 +148,7 @@ def _dense_channels_consistent(model) -> None:
     assert feats.norm5.num_features == head.in_features == n
 
 
+@pytest.mark.slow
 def test_densenet201_prunes_through_dense_concatenations(tmp_path):
     torch.manual_seed(0)
     model = create_model("densenet201", num_classes=3, in_chans=1, width=0.125)
@@ -321,6 +322,7 @@ def test_cp_macs_formula_matches_the_counter():
     assert cp_rank_for_macs(16, 24, (3, 5), (15, 12), tuple(out.shape[2:]), budget - 1, bias=True) == 6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ratio", "budget"])
 def test_decompose_method_cp_at_the_macs_of_tucker2(mode, tmp_path):
     from edgeus.decompose import decompose_model
@@ -581,6 +583,7 @@ def test_two_stage_published_unet_learns_from_masks_alone():
     assert not any(p.requires_grad for p in m.segmenter.parameters()) and not m.segmenter.training
 
 
+@pytest.mark.slow
 def test_two_stage_published_loads_torchvision_densenet_and_prunes_consistently(tmp_path):
     from edgeus.models.pretrained import load_pretrained
 

@@ -78,6 +78,7 @@ def test_a_training_folder_never_resumes_on_other_data(tmp_path):
     assert [h["epoch"] for h in r.history] == [1]
 
 
+@pytest.mark.slow
 def test_cli_train_and_eval(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     common = ["data.n_per_class=12", "data.image_size=32", "data.phantom_size=64"]
@@ -95,6 +96,7 @@ def test_cli_train_and_eval(tmp_path):
     assert r.returncode == 2 and "train.epochs" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_data_parallel_training_with_two_gloo_processes(tmp_path):
     import socket
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import make_cfg
@@ -107,6 +108,7 @@ def test_pruning_two_stage_keeps_the_unet_and_classifier_input_consistent():
     assert exp["outputs"] == ["logits", "mask"] and exp["parity"]["passed"]
 
 
+@pytest.mark.slow
 def test_two_stage_int8_recipe_on_the_phantom_has_a_dice_and_the_bundle_returns_the_mask(tmp_path):
     from edgeus.onnx.session import session
     from edgeus.pipeline import compress
@@ -162,6 +164,7 @@ def test_two_stage_int8_recipe_on_the_phantom_has_a_dice_and_the_bundle_returns_
     assert rep["ok"] and any("mask output matches" in c for c in rep["checks"])
 
 
+@pytest.mark.slow
 def test_prune_stage_on_two_stage_keeps_the_mask_and_gates_its_dice(tmp_path):
     from edgeus.pipeline import compress
 

@@ -12,6 +12,8 @@ pytest.importorskip("PySide6", reason="PySide6 not installed: the viewer is the 
 
 from conftest import phantom_pngs, small_run  # noqa: E402
 
+pytestmark = pytest.mark.slow      # a compress run and a Qt window: end to end
+
 
 @pytest.fixture(scope="module")
 def qapp():
