@@ -270,6 +270,21 @@ def test_single_commands_never_replace_an_existing_output(tmp_path, capsys):
     assert rc == 0 and mine.read_bytes()[:1] != b"a"
 
 
+def test_a_truncated_onnx_file_is_a_one_line_input_error(tmp_path, capsys):
+    from edgeus.models import create_model
+    from edgeus.onnx.export import export_onnx
+
+    cfg = make_cfg()
+    good = tmp_path / "m.onnx"
+    export_onnx(create_model("simple_cnn", width=0.25), good, cfg.export,
+                preprocessing={"image_size": 32, "in_chans": 1, "mean": [0.5], "std": [0.25]})
+    bad = tmp_path / "cut.onnx"
+    bad.write_bytes(good.read_bytes()[:3000])
+    for cmd in (["eval", str(bad)], ["quantize", str(bad), f"out={tmp_path / 'q.onnx'}"], ["bench", str(bad)]):
+        rc, err = main_rc(capsys, *cmd)
+        assert rc == 4 and "cut.onnx" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, cmd
+
+
 # ------------------------------------------------------------------------------------------ gates
 
 @pytest.mark.slow

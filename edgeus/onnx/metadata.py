@@ -27,7 +27,17 @@ def _load(path_or_model):
 
     if isinstance(path_or_model, onnx.ModelProto):
         return path_or_model
-    return onnx.load(str(path_or_model), load_external_data=False)
+    from pathlib import Path
+
+    from edgeus.errors import InputError
+
+    if not Path(str(path_or_model)).is_file():
+        raise InputError(f"ONNX model not found: {path_or_model}")
+    try:
+        return onnx.load(str(path_or_model), load_external_data=False)
+    except Exception as e:   # protobuf's DecodeError and friends: a truncated or foreign file
+        raise InputError(f"{path_or_model} is not a readable ONNX model (truncated or corrupt?): "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def write_metadata(model, meta: dict) -> None:

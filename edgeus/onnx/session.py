@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeus.errors import EdgeusError
+from edgeus.errors import EdgeusError, InputError
 
 _OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
                "all": "ORT_ENABLE_ALL"}
@@ -57,7 +57,7 @@ def session(model, *, threads: int | None = None, inter_threads: int | None = No
     try:
         return ort.InferenceSession(src, so, providers=list(providers or ["CPUExecutionProvider"]))
     except Exception as e:
-        raise EdgeusError(f"onnxruntime cannot load {label}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+        raise InputError(f"onnxruntime cannot load {label}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
             from None
 
 
