@@ -648,13 +648,18 @@ class _NormGate(torch.nn.Module):
         return self.fc(z.mean((2, 3)))
 
 
-def test_cpu_layout_quantises_integer_kernel_ops_only_and_keeps_norm_and_gates_float(tmp_path):
+def _normgate_onnx(tmp_path):
+    """The seeded _NormGate model as FP32 ONNX, and 32 calibration images for it."""
     torch.manual_seed(0)
     fp32 = tmp_path / "ng.onnx"
     torch.onnx.export(_NormGate().eval(), (torch.randn(1, 1, 16, 16),), str(fp32), input_names=["input"],
                       output_names=["logits"], dynamic_axes={"input": {0: "b"}, "logits": {0: "b"}}, opset_version=17,
                       dynamo=False)
-    x = np.random.default_rng(0).normal(size=(32, 1, 16, 16)).astype(np.float32)
+    return fp32, np.random.default_rng(0).normal(size=(32, 1, 16, 16)).astype(np.float32)
+
+
+def test_cpu_layout_quantises_integer_kernel_ops_only_and_keeps_norm_and_gates_float(tmp_path):
+    fp32, x = _normgate_onnx(tmp_path)
     spec = C.CalibrationSpec(num_images=0, batch_size=8)
     calib = C.CalibrationSet(x, np.zeros(len(x), np.int64), [str(i) for i in range(len(x))], spec, "0" * 64)
     ranges = tmp_path / "ranges.json"
@@ -718,12 +723,7 @@ def test_mse_range_clips_a_rare_outlier_and_keeps_a_dense_range():
 
 
 def test_mse_calibration_writes_a_cache_quantize_static_reads(tmp_path):
-    torch.manual_seed(0)
-    fp32 = tmp_path / "ng.onnx"
-    torch.onnx.export(_NormGate().eval(), (torch.randn(1, 1, 16, 16),), str(fp32), input_names=["input"],
-                      output_names=["logits"], dynamic_axes={"input": {0: "b"}, "logits": {0: "b"}}, opset_version=17,
-                      dynamo=False)
-    x = np.random.default_rng(0).normal(size=(32, 1, 16, 16)).astype(np.float32)
+    fp32, x = _normgate_onnx(tmp_path)
     spec = C.load_spec("mse")
     assert spec.method == "mse"
     calib = C.CalibrationSet(x, np.zeros(len(x), np.int64), [str(i) for i in range(len(x))], spec, "0" * 64)

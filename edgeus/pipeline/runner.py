@@ -129,7 +129,7 @@ def brief_comparison(cmp: dict) -> dict:
             "agreement": cmp["agreement"], "confidence": cmp["intervals"]["_meta"]["confidence"]}
 
 
-def _comparison(ctx, name: str, row: dict) -> dict | None:
+def _comparison(ctx, row: dict) -> dict | None:
     """stats.compare of the teacher's and this row's test predictions (same images), for the gates."""
     import numpy as np
 
@@ -579,7 +579,7 @@ def _run(cfg, run_dir, state, bundle, device, recipe_stages, selected, applied) 
         comparisons = {}
         for r in rows:       # every model row against the teacher on the same images (edgeus.stats)
             if r.get("predictions") and res.role != "teacher":
-                comparisons[r["stage"]] = _comparison(ctx, name, r)
+                comparisons[r["stage"]] = _comparison(ctx, r)
                 if comparisons[r["stage"]] is not None:
                     r["vs_teacher"] = brief_comparison(comparisons[r["stage"]])
         state["rows"].extend(rows)
