@@ -44,6 +44,9 @@ CONFIGS = {
     "strong+LS 100 epochs": dict(aug="strong", label_smoothing=0.1, epochs=100),
     "strong+LS rsmas w0.5 128px": dict(aug="strong", label_smoothing=0.1, model="rsmas", width=0.5),
     "strong+LS refit on train+val": dict(aug="strong", label_smoothing=0.1, refit=True),
+    # round 2 (2-core CPU, --stem teacher_recipe_sweep_refit): the best single model above, refit on train+val
+    "strong+LS rsmas w0.5 128px refit": dict(aug="strong", label_smoothing=0.1, model="rsmas", width=0.5, refit=True),
+    "strong rsmas w0.5 128px refit": dict(aug="strong", model="rsmas", width=0.5, refit=True),
 }
 
 
@@ -199,14 +202,17 @@ def render(doc: dict, path: Path) -> None:
     table = doc["table"]
     n_test = table[0]["readouts"]["last"]["test"]["n"]
     seeds = doc.get("seeds") or table[0]["runs"]
+    gpu = doc["device"] != "cpu"
     lines = [f"# Teacher recipe sweep on BUSI (developer split, split seed 0, {seeds} training seeds)", "",
              f"Trained on {doc['device']}; {round(doc['seconds'])} s for {sum(r['runs'] for r in table)} runs. "
              f"Test images: {n_test} (one image = {100 / max(1, n_test):.1f} points). Choose on val; test is "
              "reported, never used to choose. Refit rows train on train+val, so their val column is not a hold-out.",
-             "GPU seconds are per training run on this GPU, with several runs sharing it; they say nothing about the "
-             "2-core CPU, where `profile=full` must train (a MACs-based CPU estimate was tried and dropped: it put the "
-             "full-width RSMAS-Net at 98 min against 10-19 min measured).", "",
-             "| config | GPU s / run | read-out | val acc | test acc (mean / min) | test malignant recall | "
+             ("GPU seconds are per training run on this GPU, with several runs sharing it; they say nothing about the "
+              "2-core CPU, where `profile=full` must train (a MACs-based CPU estimate was tried and dropped: it put the "
+              "full-width RSMAS-Net at 98 min against 10-19 min measured)." if gpu else
+              f"CPU seconds are per training run with one thread, {doc.get('workers', 1)} runs side by side on "
+              f"{os.cpu_count()} cores."), "",
+             f"| config | {'GPU' if gpu else 'CPU'} s / run | read-out | val acc | test acc (mean / min) | test malignant recall | "
              "ensemble of seeds: test acc / malignant |", "|---|---|---|---|---|---|---|"]
     for row in table:
         for ro, agg in row["readouts"].items():
@@ -227,9 +233,11 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="2 configs, 1 seed, 1 epoch at 64 px: a smoke test")
     ap.add_argument("--only", nargs="*", help="config names to run (default: all)")
     ap.add_argument("--render-only", action="store_true", help="re-write the .md from the stored .json")
+    ap.add_argument("--stem", default="teacher_recipe_sweep", help="results file name under bench/results "
+                    "(a second sweep beside the first: --stem teacher_recipe_sweep_refit --only ...)")
     args = ap.parse_args(argv)
     if args.render_only:
-        render(json.loads((OUT / "teacher_recipe_sweep.json").read_text()), OUT / "teacher_recipe_sweep.md")
+        render(json.loads((OUT / f"{args.stem}.json").read_text()), OUT / f"{args.stem}.md")
         return 0
     if not Path(args.root).is_dir():
         print(f"SKIP: no BUSI folder at {args.root}")
@@ -282,8 +290,8 @@ def main(argv=None) -> int:
             for s in ro.values():
                 s.pop("probs"), s.pop("labels")
     OUT.mkdir(parents=True, exist_ok=True)
-    stem = "teacher_recipe_sweep" + ("_quick" if args.quick else "")
-    doc = {"device": device, "seconds": round(time.time() - t0, 1), "seeds": len(seeds),
+    stem = args.stem + ("_quick" if args.quick else "")
+    doc = {"device": device, "seconds": round(time.time() - t0, 1), "seeds": len(seeds), "workers": workers,
            "table": table, "runs": results}
     (OUT / f"{stem}.json").write_text(json.dumps(doc, indent=1))
     render(doc, OUT / f"{stem}.md")

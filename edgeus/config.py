@@ -39,7 +39,9 @@ class DataConfig:
     seed: int = 0
     batch_size: int = 32
     num_workers: int = 0
-    augment: bool = True             # rotation, flip, brightness, scale (train split only)
+    # train split only: rsmas (the RSMAS-Net paper's rotation, flip, brightness, scale) | ultrasound (stronger
+    # geometry + gain/contrast/gamma/speckle) | none; true / false mean rsmas / none
+    augment: str = "rsmas"
     balance: str = "weights"         # weights (class-weighted loss) | sampler | none
     classes: Optional[List[str]] = None  # keep / order these classes only
     # phantom
@@ -79,7 +81,14 @@ class TrainConfig:
     # val+agreement: on the phantom, 10 seeds, a pruned student fine-tuned with KD kept +2.6 test points
     # [+0.9, +4.4] over val alone with an 18-image val split, +0.3 [-1.7, +2.2] with 36
     # (bench/results/select_agreement*.md). Without a teacher (teacher training) val picks.
+    # last: keep the final epoch, chosen by nothing (val stays a clean hold-out; train.fit_on=train+val needs it).
     select: str = "val+agreement"
+    # exponential moving average of the weights (parameters and BN statistics, warm-up decay as timm's
+    # ModelEmaV2): 0 = off; e.g. 0.99. The average is what is validated, selected and kept.
+    ema: float = 0.0
+    # train | train+val (a refit on every non-test image; needs select=last, val is then no hold-out).
+    # Honoured where a model is trained from scratch (the teacher, edgeus train); fine-tuning trains on train.
+    fit_on: str = "train"
 
 
 @dataclass
@@ -320,6 +329,9 @@ def compose(overrides: list[str] | None = None, defaults: dict | None = None) ->
     return cfg
 
 
+SELECT_CHOICES = ("val", "agreement", "val+agreement", "last")
+AUGMENT_CHOICES = ("rsmas", "ultrasound", "none")      # edgeus.data.transforms.AUGMENT
+
 # ------------------------------------------------------------------------------------ range checks
 # (key, lowest, highest, lowest allowed itself, highest allowed itself, may be null)
 _RANGES = [
@@ -399,9 +411,27 @@ def validate(cfg) -> DictConfig:
     strengths = OmegaConf.select(cfg, "robustness.strengths", default=None)
     if strengths is not None and any(float(x) < 0 for x in strengths):
         problems.append(f"robustness.strengths={list(strengths)}: must be >= 0")
-    select = OmegaConf.select(cfg, "train.select", default=None)
-    if select is not None and select not in ("val", "agreement", "val+agreement"):
-        problems.append(f"train.select={select}: use val, agreement or val+agreement")
+    for prefix in ("train", "teacher.train"):
+        select = OmegaConf.select(cfg, f"{prefix}.select", default=None)
+        if select is not None and select not in SELECT_CHOICES:
+            problems.append(f"{prefix}.select={select}: use {', '.join(SELECT_CHOICES)}")
+        fit_on = OmegaConf.select(cfg, f"{prefix}.fit_on", default=None)
+        if fit_on is not None and fit_on not in ("train", "train+val"):
+            problems.append(f"{prefix}.fit_on={fit_on}: use train or train+val")
+        ema = OmegaConf.select(cfg, f"{prefix}.ema", default=None)
+        if ema is not None and not 0 <= float(ema) < 1:
+            problems.append(f"{prefix}.ema={ema}: must be in [0, 1) (0 = off)")
+    for scope, over in (("train", {}), ("teacher.train", OmegaConf.select(cfg, "teacher.train", default=None) or {})):
+        fit_on = over.get("fit_on", OmegaConf.select(cfg, "train.fit_on", default=None))
+        select = over.get("select", OmegaConf.select(cfg, "train.select", default=None))
+        if fit_on == "train+val" and select != "last":
+            problems.append(f"{scope}.fit_on=train+val trains on the val split, so val cannot choose the epoch: "
+                            f"add {scope}.select=last")
+            break
+    augment = OmegaConf.select(cfg, "data.augment", default=None)
+    if augment is not None:
+        if str(augment).strip().lower() not in (*AUGMENT_CHOICES, "true", "false"):
+            problems.append(f"data.augment={augment}: use {', '.join(AUGMENT_CHOICES)}")
     name = OmegaConf.select(cfg, "model.name", default=None)
     size = OmegaConf.select(cfg, "data.image_size", default=None)
     need = MIN_IMAGE_SIZE.get(str(name))

@@ -9,6 +9,8 @@ reported with its uncertainty, never as two point estimates:
 * :func:`mcnemar_exact` — the exact (binomial) McNemar test on the discordant images;
 * :func:`flips` — per true class, how many images the teacher got right and the student wrong,
   and the reverse (Hooker et al., *What do compressed deep neural networks forget?*, 2019);
+* :func:`bootstrap_metrics` — the same percentile intervals for one model alone (accuracy,
+  macro-F1, each class's recall), for tables of several models;
 * :func:`images_needed` — how many test images a non-inferiority claim at a margin needs, given
   how often the two models disagree.
 
@@ -158,6 +160,31 @@ def paired_bootstrap(y, prob_t, prob_s, classes: list[str], *, n_boot: int = 200
     return out
 
 
+def bootstrap_metrics(y, prob, classes: list[str], *, n_boot: int = 2000, seed: int = 0,
+                      alpha: float = 0.05) -> dict:
+    """One model's accuracy, macro-F1 and each class's recall with percentile intervals:
+    ``{metric: {"value", "lo", "hi"}}`` (images resampled with replacement)."""
+    y = np.asarray(y, np.int64)
+    pred = np.asarray(prob).argmax(1)
+    k, n = len(classes), len(y)
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    full = np.arange(n)[None, :]
+    q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
+
+    def entry(point, boot):
+        boot = np.asarray(boot, float)
+        boot = boot[~np.isnan(boot)]
+        lo, hi = (float(v) for v in np.percentile(boot, q)) if len(boot) else (None, None)
+        return {"value": None if np.isnan(point) else float(point), "lo": lo, "hi": hi}
+
+    out = {"accuracy": entry(float((pred == y).mean()), (pred[idx] == y[idx]).mean(1)),
+           "macro_f1": entry(_macro_f1_matrix(y, pred, full, k)[0], _macro_f1_matrix(y, pred, idx, k))}
+    rec, rec_full = _recall_matrix(y, pred, idx, k), _recall_matrix(y, pred, full, k)[0]
+    for i, c in enumerate(classes):
+        out[f"recall/{c}"] = entry(rec_full[i], rec[:, i])
+    return out
+
+
 def images_needed(discordance: float, margin: float, n: int) -> int:
     """Test images needed for a 95 % interval of a paired difference to be narrower than ``margin``.
 
@@ -196,4 +223,4 @@ def fmt_interval(iv: dict, scale: float = 100.0, unit: str = " pt") -> str:
     return f"{iv['diff'] * scale:+.1f}{unit} [{lo}, {hi}]"
 
 
-__all__ = ["paired_bootstrap", "mcnemar_exact", "flips", "images_needed", "compare", "fmt_interval"]
+__all__ = ["paired_bootstrap", "bootstrap_metrics", "mcnemar_exact", "flips", "images_needed", "compare", "fmt_interval"]

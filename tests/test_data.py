@@ -181,3 +181,35 @@ def test_a_class_too_small_for_every_split_is_an_error_naming_it(busi_tree):
     cfg = compose(["data=busi", f"data.root={busi_tree}", "data.image_size=32"])
     with pytest.raises(DataError, match=r"class 'malignant' has 1 image\(s\), too few"):
         build_datasets(cfg.data)
+
+
+@pytest.mark.parametrize("name,kind", [("rsmas", "Augment"), ("true", "Augment"), ("ultrasound", "UltrasoundAugment"),
+                                       ("none", None), ("false", None), ("False", None)])
+def test_augment_policies_by_name(name, kind):
+    from edgeus.data.transforms import augment_policy
+
+    a = augment_policy(name)
+    assert (type(a).__name__ if a is not None else None) == kind
+
+
+def test_ultrasound_augmentation_is_seeded_bounded_and_moves_the_mask_with_the_image():
+    from edgeus.data.transforms import UltrasoundAugment
+
+    img = torch.rand(1, 32, 32)
+    mask = torch.zeros(1, 32, 32)
+    mask[:, 8:20, 10:22] = 1
+    aug = UltrasoundAugment()
+    a1, m1 = aug(img, mask, torch.Generator().manual_seed(3))
+    a2, m2 = aug(img, mask, torch.Generator().manual_seed(3))
+    assert torch.equal(a1, a2) and torch.equal(m1, m2)
+    assert float(a1.min()) >= 0 and float(a1.max()) <= 1 and set(m1.unique().tolist()) <= {0.0, 1.0}
+    outs = [aug(img, mask, torch.Generator().manual_seed(s))[0] for s in range(4)]
+    assert not all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_an_unknown_augmentation_is_a_one_line_error():
+    from edgeus.config import compose, validate
+    from edgeus.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.augment=strong: use rsmas, ultrasound, none"):
+        validate(compose(["data.augment=strong"]))

@@ -124,3 +124,19 @@ def test_a_class_without_test_images_fails_its_gate_and_an_unknown_critical_clas
 
     with pytest.raises(EdgeusError, match="critical_class"):
         G.check("prune", _metrics(y, p), _metrics(y, p), _gates("point", critical="malignnat"), CLASSES)
+
+
+def test_bootstrap_metrics_of_one_model_against_hand_computed_values():
+    from edgeus.stats import bootstrap_metrics
+
+    y = np.array([0, 0, 1, 1])
+    prob = np.eye(2)[[0, 1, 1, 1]]                    # one class-0 image called 1
+    m = bootstrap_metrics(y, prob, ["a", "b"], n_boot=500)
+    assert m["accuracy"]["value"] == 0.75
+    assert abs(m["macro_f1"]["value"] - (2 / 3 + 4 / 5) / 2) < 1e-12   # F1 a = 2/3, F1 b = 4/5
+    assert m["recall/a"]["value"] == 0.5 and m["recall/b"]["value"] == 1.0
+    for k in ("accuracy", "macro_f1", "recall/a"):
+        assert 0 <= m[k]["lo"] <= m[k]["value"] <= m[k]["hi"] <= 1
+    assert m["recall/b"]["lo"] == m["recall/b"]["hi"] == 1.0          # never wrong on b: no spread
+    perfect = bootstrap_metrics(y, np.eye(2)[y], ["a", "b"])
+    assert perfect["accuracy"] == {"value": 1.0, "lo": 1.0, "hi": 1.0}

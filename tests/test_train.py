@@ -236,3 +236,59 @@ def test_a_finetuner_builds_its_loaders_once_and_sharing_them_changes_nothing():
     assert run(ft)[1]["with_teacher"]
     assert not run(ft, use_teacher=False)[1]["with_teacher"]
     assert not run(ft, trainable=lambda m, w: Supervised(m, w))[1]["with_teacher"]
+
+
+def test_weight_average_warms_up_and_copies_integer_buffers():
+    from edgeus.train.trainer import WeightAverage
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
+    ema = WeightAverage(model, decay=0.99)
+    w0 = ema.model[0].weight.clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    model[1].num_batches_tracked.fill_(7)
+    ema.update(model)                 # first update: decay min(0.99, 2/11), so the new weights dominate
+    d = 2 / 11
+    assert torch.allclose(ema.model[0].weight, d * w0 + (1 - d) * model[0].weight)
+    assert int(ema.model[1].num_batches_tracked) == 7          # copied, not averaged
+    for _ in range(2000):
+        ema.update(model)
+    assert torch.allclose(ema.model[0].weight, model[0].weight, atol=1e-6)
+    assert not any(p.requires_grad for p in ema.model.parameters())
+
+
+def test_select_last_with_ema_keeps_the_final_average(tmp_path):
+    cfg = compose(["data.n_per_class=24", "data.image_size=32", "data.phantom_size=64", "data.batch_size=16",
+                   "model.name=simple_cnn", "model.width=0.25", "train.epochs=3", "train.select=last",
+                   "train.ema=0.9", "data.augment=ultrasound"])
+    result, _ = train_from_config(cfg, tmp_path / "run")
+    assert result.best_epoch == 3 and [r["select"]["by"] for r in result.history] == ["last"] * 3
+    _, ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
+    last = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)
+    for k, v in last["ema"]["state"].items():          # what is kept is the weight average, not the raw weights
+        assert torch.equal(ckpt["state_dict"][k], v)
+    raw = {k[len("student."):]: v for k, v in last["trainable"].items() if k.startswith("student.")}
+    assert any(not torch.equal(raw[k], v) for k, v in last["ema"]["state"].items() if v.is_floating_point())
+
+
+def test_refit_on_train_and_val_trains_on_both_and_needs_select_last(tmp_path):
+    from edgeus.config import validate
+    from edgeus.errors import ConfigError
+    from edgeus.train.run import refit_bundle
+
+    with pytest.raises(ConfigError, match="select=last"):
+        validate(compose(["train.fit_on=train+val"]))
+    cfg = compose(["data.n_per_class=24", "data.image_size=32", "data.phantom_size=64", "model.name=simple_cnn",
+                   "model.width=0.25", "train.epochs=1", "train.fit_on=train+val", "train.select=last"])
+    validate(cfg)
+    from edgeus.data import build_datasets
+
+    b = build_datasets(cfg.data)
+    n_train = len(b.train)
+    r = refit_bundle(b)
+    assert len(r.train) == len(b.train) + len(b.val) and len(r.train_plain) == len(r.train)
+    assert r.train.augment is not None and r.train_plain.augment is None and r.val is b.val and r.test is b.test
+    assert set(b.ids("test")).isdisjoint(r.ids("train"))
+    result, _ = train_from_config(cfg, tmp_path / "run", bundle=b)
+    assert len(b.train) == n_train                 # the caller's bundle is left as it was
+    assert read_checkpoint(tmp_path / "run" / "best.pt")["data"]["fit_on"] == "train+val"

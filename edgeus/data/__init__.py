@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from edgeus.data import phantom, readers
-from edgeus.data.transforms import Augment, normalise, resize
+from edgeus.data.transforms import Augment, augment_policy, normalise, resize
 from edgeus.errors import DataError
 
 log = logging.getLogger("edgeus.data")
@@ -239,7 +239,10 @@ def build_datasets(cfg) -> DataBundle:
     tr, va, te = stratified_split(images.labels, list(cfg.split), int(cfg.seed), images.groups)
     pre = {"image_size": int(cfg.image_size), "in_chans": int(cfg.in_chans),
            "mean": [float(v) for v in cfg.mean], "std": [float(v) for v in cfg.std]}
-    aug = Augment() if cfg.augment else None
+    try:
+        aug = augment_policy(cfg.augment)
+    except ValueError as e:
+        raise DataError(str(e)) from None
     b = DataBundle(
         train=SplitDataset(images, tr, pre, aug, int(cfg.seed)),
         val=SplitDataset(images, va, pre),

@@ -84,6 +84,21 @@ def _same_data_or_fail(out: Path, bundle, train_cfg) -> None:
                          "train.resume=false to start over there")
 
 
+def refit_bundle(bundle):
+    """``bundle`` with its train split (augmented and plain) extended by the val split, for
+    ``train.fit_on=train+val``; val and test stay as they are (val is then no hold-out)."""
+    import dataclasses
+
+    import numpy as np
+
+    from edgeus.data import SplitDataset
+
+    tr, va = bundle.train, bundle.val
+    idx = np.concatenate([tr.indices, va.indices])
+    return dataclasses.replace(bundle, train=SplitDataset(tr.images, idx, tr.pre, tr.augment, tr.seed),
+                               train_plain=SplitDataset(tr.images, idx, tr.pre))
+
+
 def train_model(model_cfg, data_cfg, train_cfg, *, seed: int, out_dir: str | Path, bundle=None, device: str = "cpu",
                 distributed: bool = False, config_yaml: str | None = None):
     """Train a classifier from its sections: ``model_cfg`` (the ``model`` section: a fresh model), or
@@ -107,11 +122,16 @@ def train_model(model_cfg, data_cfg, train_cfg, *, seed: int, out_dir: str | Pat
                                   f"the data has {bundle.classes}")
     else:
         model = create_from_section(model_cfg, len(bundle.classes), in_chans=int(data_cfg.in_chans), seed=int(seed))
-    loaders = build_loaders(bundle, data_cfg, distributed=distributed)
+    fit_on = str(getattr(train_cfg, "fit_on", None) or "train")
+    fitted = refit_bundle(bundle) if fit_on == "train+val" else bundle
+    if fitted is not bundle and D.is_main():
+        log.info("train.fit_on=train+val: training on %d images (train + val); val is no hold-out, the last "
+                 "epoch is kept", len(fitted.train))
+    loaders = build_loaders(fitted, data_cfg, distributed=distributed)
     first = getattr(model, "train_first", None)   # two_stage_published: its U-Net trains first, alone (seed 001)
     if callable(first) and not train_cfg.checkpoint:
         first(loaders, device=device, out_dir=out, log=log)
-    weights = bundle.class_weights() if data_cfg.balance == "weights" else None
+    weights = fitted.class_weights() if data_cfg.balance == "weights" else None
     trainable = Supervised(model, weights, float(train_cfg.label_smoothing))
     if D.is_main():
         _same_data_or_fail(out, bundle, train_cfg)
@@ -128,5 +148,7 @@ def train_model(model_cfg, data_cfg, train_cfg, *, seed: int, out_dir: str | Pat
             from edgeus.data.fingerprint import data_fingerprint
             from edgeus.train.checkpoint import stamp_data
 
-            stamp_data(result.best_path, data_fingerprint(bundle, data_cfg))   # the images this model saw
+            fp = data_fingerprint(bundle, data_cfg)   # the images this model saw
+            fp["fit_on"] = fit_on
+            stamp_data(result.best_path, fp)
     return result, bundle

@@ -8,6 +8,7 @@ in :mod:`edgeus.finetune` (this package does not import :mod:`edgeus.distill`).
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -82,7 +83,39 @@ def metric_value(metrics: dict, name: str) -> float:
     return float(v)
 
 
-SELECT = ("val", "agreement", "val+agreement")
+SELECT = ("val", "agreement", "val+agreement", "last")
+
+
+class WeightAverage:
+    """Exponential moving average of a model's state: parameters and BatchNorm statistics alike, with
+    timm's ``ModelEmaV2`` warm-up (the decay used at update n is ``min(decay, (1 + n) / (10 + n))``, so
+    the first weights, still random, fade fast). ``model`` is the averaged copy (eval mode).
+
+    Hand-written rather than ``torch.optim.swa_utils.AveragedModel``: that averages integer buffers
+    (BatchNorm's ``num_batches_tracked``) through the same float update and has no warm-up."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.updates = float(decay), 0
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for avg, cur in zip(self.model.state_dict().values(), model.state_dict().values()):
+            if avg.dtype.is_floating_point:
+                avg.mul_(d).add_(cur.detach(), alpha=1 - d)
+            else:
+                avg.copy_(cur)
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "state": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates = int(state["updates"])
+        self.model.load_state_dict(state["state"])
 
 
 def agreement(teacher_pred, student_pred, classes) -> dict:
@@ -106,6 +139,8 @@ def selection_score(select: str, val: dict, agree: dict | None, metric: str) -> 
     """The number ``fit`` maximises to keep an epoch (see ``train.select``)."""
     if select not in SELECT:
         raise ValueError(f"train.select={select}: use one of {', '.join(SELECT)}")
+    if select == "last":
+        raise ValueError("train.select=last keeps the final epoch: there is no score to compute")
     if select == "val" or agree is None:
         return metric_value(val, metric)
     if select == "agreement":
@@ -168,12 +203,15 @@ class _Progress:
     best_epoch: int = -1
 
 
-def _resume(last_path: Path, trainable, opt, sched, desc: str, epochs: int) -> _Progress:
-    """Load ``last.pt`` when it is this run's (same ``desc`` and architecture)."""
+def _resume(last_path: Path, trainable, opt, sched, desc: str, epochs: int, ema: WeightAverage | None) -> _Progress:
+    """Load ``last.pt`` when it is this run's (same ``desc``, architecture and weight averaging)."""
     state = torch.load(last_path, map_location="cpu", weights_only=True)
-    if state.get("desc") != desc or state.get("arch") != getattr(trainable.student, "edgeus_arch", None):
+    if state.get("desc") != desc or state.get("arch") != getattr(trainable.student, "edgeus_arch", None) \
+            or (state.get("ema") is None) != (ema is None):
         return _Progress()
     trainable.load_state_dict(state["trainable"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     if D.is_main():
@@ -201,7 +239,7 @@ def _start_epoch(trainable, loaders: dict, seed: int, epoch: int) -> None:
 
 
 def _train_epoch(model, loader, opt, sched, params: list, train_cfg, *, device: str, desc: str, epoch: int,
-                 epochs: int, steps_per_epoch: int) -> dict:
+                 epochs: int, steps_per_epoch: int, ema: WeightAverage | None = None, student=None) -> dict:
     """One pass over ``loader`` (at most ``steps_per_epoch`` batches); returns the epoch's row."""
     totals: dict[str, float] = {}
     correct = seen = 0
@@ -222,6 +260,8 @@ def _train_epoch(model, loader, opt, sched, params: list, train_cfg, *, device: 
             nn.utils.clip_grad_norm_(params, float(train_cfg.grad_clip))
         opt.step()
         sched.step()
+        if ema is not None:
+            ema.update(student)
         for k, v in losses.items():
             totals[k] = totals.get(k, 0.0) + float(v.detach())
         correct += int((logits.argmax(1) == batch["label"]).sum())
@@ -240,7 +280,9 @@ def fit(trainable, loaders: dict, train_cfg, out_dir: str | Path | None, *, clas
     With a ``teacher`` each epoch also records the student's agreement with it (:func:`agreement`) on
     every non-test image (``train_plain`` and ``val``), and ``train.select`` chooses what picks the
     kept epoch: ``val`` (``train.metric`` on val), ``agreement`` (balanced agreement) or
-    ``val+agreement`` (their mean). Without a teacher the val metric picks."""
+    ``val+agreement`` (their mean). Without a teacher the val metric picks. ``train.select=last``
+    keeps the final epoch whatever val says. With ``train.ema`` > 0 the weight average
+    (:class:`WeightAverage`) is what is validated, selected and kept."""
     select = str(getattr(train_cfg, "select", None) or "val")
     if select not in SELECT:
         raise ValueError(f"train.select={select}: use one of {', '.join(SELECT)}")
@@ -256,9 +298,12 @@ def fit(trainable, loaders: dict, train_cfg, out_dir: str | Path | None, *, clas
         steps_per_epoch = min(steps_per_epoch, int(train_cfg.max_steps_per_epoch))
     sched = _schedule(opt, train_cfg, epochs, steps_per_epoch)
     last_path = out / "last.pt" if out else None
+    decay = float(getattr(train_cfg, "ema", 0.0) or 0.0)
+    ema = WeightAverage(trainable.student, decay) if decay > 0 else None
+    kept = ema.model if ema is not None else trainable.student     # what is validated, selected and saved
     pg = _Progress()
     if out and train_cfg.resume and last_path.is_file():
-        pg = _resume(last_path, trainable, opt, sched, desc, epochs)
+        pg = _resume(last_path, trainable, opt, sched, desc, epochs, ema)
     model = _DDPForward(trainable)
     if D.active():
         model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
@@ -274,25 +319,29 @@ def fit(trainable, loaders: dict, train_cfg, out_dir: str | Path | None, *, clas
         t0 = time.time()
         _start_epoch(trainable, loaders, seed, epoch)
         row = _train_epoch(model, loaders["train"], opt, sched, params, train_cfg, device=device, desc=desc,
-                           epoch=epoch, epochs=epochs, steps_per_epoch=steps_per_epoch)
+                           epoch=epoch, epochs=epochs, steps_per_epoch=steps_per_epoch, ema=ema,
+                           student=trainable.student)
         if D.is_main():
-            y, p = predict_torch(trainable.student, loaders["val"], device)
+            y, p = predict_torch(kept, loaders["val"], device)
             val = compute_metrics(y, p, classes)
             row["val"] = val
             agree = None
             if teacher_pred is not None:
                 with torch.no_grad():
-                    agree = agreement(teacher_pred, _predicted(trainable.student, agree_sets, device), classes)
+                    agree = agreement(teacher_pred, _predicted(kept, agree_sets, device), classes)
                 row["agreement"] = agree
             row["seconds"] = round(time.time() - t0, 2)
-            score = selection_score(select, val, agree, train_cfg.metric)
-            row["select"] = {"by": select if agree is not None else "val", "score": score}
+            if select == "last":
+                score, by = float(epoch), "last"
+            else:
+                score, by = selection_score(select, val, agree, train_cfg.metric), select if agree is not None else "val"
+            row["select"] = {"by": by, "score": score}
             improved = score > best
             if improved:
                 best, best_epoch, best_metrics = score, epoch, val
-                best_state = {k: v.detach().cpu().clone() for k, v in trainable.student.state_dict().items()}
+                best_state = {k: v.detach().cpu().clone() for k, v in kept.state_dict().items()}
                 if out:
-                    save_checkpoint(out / "best.pt", trainable.student, classes=classes, preprocessing=preprocessing,
+                    save_checkpoint(out / "best.pt", kept, classes=classes, preprocessing=preprocessing,
                                     config=config_yaml, metrics={"val": val, "epoch": epoch + 1})
             history.append(row)
             log.info("%s epoch %d/%d  loss %.4f  train acc %.3f  val acc %.3f  val %s %.4f%s%s", desc, epoch + 1,
@@ -303,7 +352,8 @@ def fit(trainable, loaders: dict, train_cfg, out_dir: str | Path | None, *, clas
                 atomic_save({"desc": desc, "arch": getattr(trainable.student, "edgeus_arch", None),
                              "trainable": trainable.state_dict(), "optimizer": opt.state_dict(),
                              "scheduler": sched.state_dict(), "epoch": epoch, "history": history, "best": best,
-                             "best_epoch": best_epoch, "best_state": best_state}, last_path)
+                             "best_epoch": best_epoch, "best_state": best_state,
+                             "ema": ema.state_dict() if ema is not None else None}, last_path)
         D.barrier()
     if best_state is not None and D.is_main():
         trainable.student.load_state_dict(best_state)
