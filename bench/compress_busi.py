@@ -3,11 +3,10 @@
 
     python bench/compress_busi.py                       # profile=full on ../shared/data/busi
     python bench/compress_busi.py --set train.epochs=20 --set model.width=0.5   # a cheaper run
+    python bench/compress_busi.py --seed 1             # another seed, teacher included -> compress_busi_seed1.*
     python bench/compress_busi.py --seed 1 --teacher runs/<run>/00-teacher/model.pt
-        # the stages after the teacher again with another seed -> compress_busi_seed1.{json,md}
-    python bench/compress_busi.py --seed 2 --teacher runs/<run>/00-teacher/model.pt
-        # -> compress_busi_seed2.json and compress_busi_seed2.md (both seed runs in bench/results
-        #    were made this way, on the teacher of the run in compress_busi.json)
+        # only the stages after the teacher again with another seed
+    python bench/compress_busi.py --summarize          # every seed's goals, the teacher's mean -> compress_busi_seeds.md
 
 Everything in the result file is measured by this script in one run: the teacher, the student
 and the INT8-only teacher are evaluated on the same test split, and their ONNX Runtime CPU

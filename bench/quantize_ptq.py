@@ -61,6 +61,10 @@ def train(name: str, extra: list[str], work: Path, existing: str | None = None) 
     if existing:
         run = Path(existing)
         cfg = compose(SETTINGS + extra)
+        if (run / "config.yaml").is_file():   # that run's data settings (size, split, augmentation), not the quick ones
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.merge(cfg, {"data": OmegaConf.load(run / "config.yaml").data})
     else:
         run = work / f"run-{name}"
         cfg = compose(SETTINGS + extra + [f"out={run}"])
@@ -372,8 +376,8 @@ def main() -> int:
     p.add_argument("--out", default=str(RESULTS / "quantize_ptq"))
     p.add_argument("--set", nargs="*", default=[], help="extra key=value overrides (e.g. a smoke test's tiny settings)")
     p.add_argument("--run", nargs="*", default=[], metavar="DATASET=DIR",
-                   help="reuse the teacher/student of an existing run made with these settings (e.g. phantom=<the "
-                        "main command's run>) instead of training")
+                   help="reuse the teacher/student of an existing run (e.g. phantom=<the main command's run>, "
+                        "busi=<a profile=full run>) instead of training; its data settings are used")
     a = p.parse_args()
     a.runs = dict(r.split("=", 1) for r in a.run)
     SETTINGS.extend(a.set)

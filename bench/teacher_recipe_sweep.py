@@ -44,9 +44,6 @@ CONFIGS = {
     "strong+LS 100 epochs": dict(aug="strong", label_smoothing=0.1, epochs=100),
     "strong+LS rsmas w0.5 128px": dict(aug="strong", label_smoothing=0.1, model="rsmas", width=0.5),
     "strong+LS refit on train+val": dict(aug="strong", label_smoothing=0.1, refit=True),
-    # round 2 (2-core CPU, --stem teacher_recipe_sweep_refit): the best single model above, refit on train+val
-    "strong+LS rsmas w0.5 128px refit": dict(aug="strong", label_smoothing=0.1, model="rsmas", width=0.5, refit=True),
-    "strong rsmas w0.5 128px refit": dict(aug="strong", model="rsmas", width=0.5, refit=True),
 }
 
 
@@ -234,7 +231,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="*", help="config names to run (default: all)")
     ap.add_argument("--render-only", action="store_true", help="re-write the .md from the stored .json")
     ap.add_argument("--stem", default="teacher_recipe_sweep", help="results file name under bench/results "
-                    "(a second sweep beside the first: --stem teacher_recipe_sweep_refit --only ...)")
+                    "(a second sweep beside the first: --stem <name> --only ...)")
     args = ap.parse_args(argv)
     if args.render_only:
         render(json.loads((OUT / f"{args.stem}.json").read_text()), OUT / f"{args.stem}.md")
