@@ -148,7 +148,7 @@ def train_one(name: str, arch: str | None, width: float | None, cfg, bundle, see
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", required=True, help="a compress run of rsmas_int8 on BUSI (bench/compress_busi.py --out)")
+    ap.add_argument("--run", help="a compress run of rsmas_int8 on BUSI (bench/compress_busi.py --out)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds of the alternatives")
     ap.add_argument("--epochs", type=int, default=None, help="epochs per alternative (default: the student's "
                     "budget, teacher epochs + pruning fine-tuning epochs)")
@@ -156,9 +156,14 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=200, help="timed batch-1 calls per model and thread setting")
     ap.add_argument("--work", default=None, help="folder for the alternatives' ONNX and training (default: a temp dir)")
     ap.add_argument("--results", default=str(RESULTS / "alternatives_busi"), help="results path without suffix")
+    ap.add_argument("--render-only", action="store_true", help="re-write the .md from the stored .json")
     args = ap.parse_args(argv)
-    run = Path(args.run)
-    if not (run / "ledger.json").is_file():
+    if args.render_only:
+        res = Path(args.results)
+        res.with_suffix(".md").write_text(render(json.loads(res.with_suffix(".json").read_text())))
+        return 0
+    run = Path(args.run or "")
+    if not args.run or not (run / "ledger.json").is_file():
         print(f"{run}: not a compress run (no ledger.json)", file=sys.stderr)
         return 2
     import torch
@@ -181,7 +186,8 @@ def main(argv=None) -> int:
         raise SystemExit("the run's test predictions do not match its test split as rebuilt here")
     data = inputs_from_bundle(bundle, cfg.quantize)
     layout = QDQLayout.from_target(cfg.target)
-    epochs = args.epochs or int((cfg.teacher.train or {}).get("epochs", cfg.train.epochs)) + int(cfg.prune.finetune_epochs)
+    budget = int((cfg.teacher.train or {}).get("epochs", cfg.train.epochs)) + int(cfg.prune.finetune_epochs)
+    epochs = args.epochs or budget
     arches = [a for a in ALTERNATIVES if args.only is None or a in args.only]
     work = Path(args.work or tempfile.mkdtemp(prefix="edgeus-alternatives-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -234,7 +240,7 @@ def main(argv=None) -> int:
                             "latency_ms": {k: v[name] for k, v in latency.items()}, "train_s": e["train_s"],
                             "seeds": per_seed}
     doc = {"script": "bench/alternatives_busi.py", "date": time.strftime("%Y-%m-%d %H:%M"), "run": str(run),
-           "run_overrides": list(cfg.command_line or []), "epochs": epochs, "seeds": args.seeds,
+           "run_overrides": list(cfg.command_line or []), "epochs": epochs, "budget_epochs": budget, "seeds": args.seeds,
            "test_n": int(len(y)), "classes": classes, "dataset": str(cfg.data.name), "matched": matched, "models": out_models,
            "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
            "wall_s": round(time.time() - t_start, 1), "load_average": {"start": load_start, "end": os.getloadavg()[0]}}
@@ -266,10 +272,14 @@ def render(doc: dict) -> str:
 
     n = doc["test_n"]
     lines = [f"# Is compression worth it? The rsmas_int8 student against alternatives at its latency "
-             f"({doc.get('dataset', 'BUSI')}, test n={n})", "",
+             f"({doc.get('dataset', 'busi').upper()}, test n={n})", "",
              f"Student: the INT8 model of `{doc['run']}` ({' '.join(doc['run_overrides'])}). Alternatives trained from "
-             f"scratch for {doc['epochs']} epochs (the student's budget: teacher + pruning fine-tuning) with the run's "
-             f"teacher recipe, seeds {doc['seeds']}, on the same split; {doc['wall_s'] / 60:.1f} min on "
+             f"scratch for {doc['epochs']} epochs each"
+             + (f" (the student's budget: {doc['budget_epochs']}, teacher + pruning fine-tuning)"
+                if doc.get("budget_epochs") == doc["epochs"] else
+                f" (the student's weights went through {doc['budget_epochs']}: teacher + pruning fine-tuning)"
+                if doc.get("budget_epochs") else "")
+             + f" with the run's teacher recipe, seeds {doc['seeds']}, on the same split; {doc['wall_s'] / 60:.1f} min on "
              f"{doc['machine']['cpu_count']} CPU cores, {doc['date']} (load average {doc['load_average']['start']:.1f} "
              f"at start, {doc['load_average']['end']:.1f} at end).", "",
              "Intervals: percentile bootstrap 95 % over the test images; 'vs student' is the paired interval of "

@@ -386,7 +386,9 @@ def main() -> int:
     host = isa_mod.detect_host()
     res = {"host": host, "goals": GOALS, "settings": SETTINGS, "datasets": {},
            "note": ("models from edgeus compress recipe=rsmas_int8 (quick profile, 64 px; BUSI with the same small "
-                    "settings" + (", overrides " + " ".join(a.set) if a.set else "") + "), calibration: "
+                    "settings" + (", overrides " + " ".join(a.set) if a.set else "") + ")"
+                    + "".join(f"; {k}: the models of the run {v}, at its data settings" for k, v in a.runs.items())
+                    + ", calibration: "
                     "calibration/default.yaml (256 class-balanced train images, min-max) unless a method is named; "
                     "depth-wise students trained alone with the same schedule.")}
     t0 = time.perf_counter()
