@@ -208,8 +208,11 @@ def test_ultrasound_augmentation_is_seeded_bounded_and_moves_the_mask_with_the_i
 
 
 def test_an_unknown_augmentation_is_a_one_line_error():
-    from edgeus.config import compose, validate
+    from edgeus.config import AUGMENT_CHOICES, compose, validate
+    from edgeus.data.transforms import AUGMENT
     from edgeus.errors import ConfigError
+
+    assert set(AUGMENT_CHOICES) == set(AUGMENT)      # the config's list (no torch import) names every policy
 
     with pytest.raises(ConfigError, match="data.augment=strong: use rsmas, ultrasound, none"):
         validate(compose(["data.augment=strong"]))
