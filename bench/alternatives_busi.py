@@ -166,8 +166,6 @@ def main(argv=None) -> int:
     if not args.run or not (run / "ledger.json").is_file():
         print(f"{run}: not a compress run (no ledger.json)", file=sys.stderr)
         return 2
-    import torch
-
     from edgeus.config import compose
     from edgeus.data import build_datasets, build_loaders
     from edgeus.deploy.benchmark import latency_table
@@ -191,7 +189,6 @@ def main(argv=None) -> int:
     arches = [a for a in ALTERNATIVES if args.only is None or a in args.only]
     work = Path(args.work or tempfile.mkdtemp(prefix="edgeus-alternatives-"))
     work.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     matched = match_widths(arches, cfg, bundle, data, layout, student_int8, work, args.iters)
 
     entries = {"rsmas_int8 student": {"arch": "rsmas (pruned)", "width": None, "deployed": "int8",

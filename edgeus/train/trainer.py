@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from edgeus.config import SELECT_CHOICES as SELECT
 from edgeus.evaluate import compute_metrics, predict_torch
 from edgeus.train import distributed as D
 from edgeus.train.checkpoint import atomic_save, save_checkpoint
@@ -83,7 +84,6 @@ def metric_value(metrics: dict, name: str) -> float:
     return float(v)
 
 
-SELECT = ("val", "agreement", "val+agreement", "last")
 
 
 class WeightAverage:
@@ -135,12 +135,12 @@ def agreement(teacher_pred, student_pred, classes) -> dict:
             "per_class": per, "n": int(len(t))}
 
 
-def selection_score(select: str, val: dict, agree: dict | None, metric: str) -> float:
-    """The number ``fit`` maximises to keep an epoch (see ``train.select``)."""
+def selection_score(select: str, val: dict, agree: dict | None, metric: str, epoch: int = 0) -> float:
+    """The number ``fit`` maximises to keep an epoch (see ``train.select``); ``last``: the epoch itself."""
     if select not in SELECT:
         raise ValueError(f"train.select={select}: use one of {', '.join(SELECT)}")
     if select == "last":
-        raise ValueError("train.select=last keeps the final epoch: there is no score to compute")
+        return float(epoch)
     if select == "val" or agree is None:
         return metric_value(val, metric)
     if select == "agreement":
@@ -331,11 +331,8 @@ def fit(trainable, loaders: dict, train_cfg, out_dir: str | Path | None, *, clas
                     agree = agreement(teacher_pred, _predicted(kept, agree_sets, device), classes)
                 row["agreement"] = agree
             row["seconds"] = round(time.time() - t0, 2)
-            if select == "last":
-                score, by = float(epoch), "last"
-            else:
-                score, by = selection_score(select, val, agree, train_cfg.metric), select if agree is not None else "val"
-            row["select"] = {"by": by, "score": score}
+            score = selection_score(select, val, agree, train_cfg.metric, epoch)
+            row["select"] = {"by": select if agree is not None or select == "last" else "val", "score": score}
             improved = score > best
             if improved:
                 best, best_epoch, best_metrics = score, epoch, val
