@@ -6,6 +6,10 @@
     python bench/compress_busi.py --seed 1             # another seed, teacher included -> compress_busi_seed1.*
     python bench/compress_busi.py --seed 1 --teacher runs/<run>/00-teacher/model.pt
         # only the stages after the teacher again with another seed
+    python bench/compress_busi.py --teacher runs/s0/00-teacher/model.pt,runs/s1/00-teacher/model.pt \\
+        --against runs/s0 --results bench/results/compress_busi_ensemble
+        # an ensemble of trained teachers (averaged logits; the student starts from the first), its student
+        # compared with the single first teacher's student of runs/s0
     python bench/compress_busi.py --summarize          # every seed's goals, the teacher's mean -> compress_busi_seeds.md
 
 Everything in the result file is measured by this script in one run: the teacher, the student
@@ -44,7 +48,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="training seed of the run (seed=N); the results of "
                     "N > 0 go to compress_busi_seed<N> so that a spread over seeds sits beside the main run")
     ap.add_argument("--teacher", default=None, help="load this teacher checkpoint (teacher.checkpoint=) "
-                    "instead of training one: the seeds then vary only the stages after the teacher")
+                    "instead of training one: the seeds then vary only the stages after the teacher; several "
+                    "comma-separated checkpoints are joined into an ensemble teacher (averaged logits; the student "
+                    "starts from the first)")
+    ap.add_argument("--against", default=None, metavar="RUN",
+                    help="also compare this run's INT8 student with the INT8 student of the run RUN on the same "
+                    "test images (paired intervals, McNemar), e.g. students of an ensemble and of a single teacher")
     ap.add_argument("--results", default=None, help="results path without suffix (default bench/results/"
                     "compress_busi, or compress_busi_seed<N>)")
     ap.add_argument("--iters", type=int, default=200, help="timed calls per model and thread setting")
@@ -65,6 +74,8 @@ def main(argv=None) -> int:
     from edgeus.pipeline import compress
 
     run_dir = Path(args.out or f"runs/bench-busi-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.teacher and "," in args.teacher:
+        args.teacher = str(ensemble_checkpoint(args.teacher.split(","), run_dir.with_name(run_dir.name + ".teacher.pt")))
     overrides = ["recipe=rsmas_int8", "data=busi", f"data.root={args.root}", f"profile={args.profile}",
                  "gates.enforce=false", f"out={run_dir}", f"seed={args.seed}",
                  *([f"teacher.checkpoint={args.teacher}"] if args.teacher else []), *args.set]
@@ -119,11 +130,22 @@ def main(argv=None) -> int:
     comparison = {"accuracy": iv, "macro_f1": cmp["intervals"]["macro_f1"],
                   "malignant_recall": cmp["intervals"]["recall/malignant"], "mcnemar": cmp["mcnemar"],
                   "flips": cmp["flips"], "agreement": cmp["agreement"]}
+    against = None
+    if args.against:
+        ar = {r["stage"]: r for r in json.loads((Path(args.against) / "ledger.json").read_text())["rows"]}
+        other = np.load(Path(args.against) / ar["quantize"]["predictions"])
+        if not np.array_equal(other["labels"], y):
+            raise SystemExit(f"--against {args.against}: its test split differs from this run's")
+        c2 = compare(y, other["probs"], pred["quantize"]["probs"], classes)
+        against = {"run": str(args.against), "accuracy": c2["intervals"]["accuracy"],
+                   "macro_f1": c2["intervals"]["macro_f1"], "malignant_recall": c2["intervals"]["recall/malignant"],
+                   "mcnemar": c2["mcnemar"], "flips": c2["flips"], "agreement": c2["agreement"]}
     out = {"script": "bench/compress_busi.py", "date": time.strftime("%Y-%m-%d %H:%M"), "overrides": overrides,
            "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
            "wall_s": wall, "resumed": bool(args.resume), "run_dir": str(run_dir), "models": models, "goals": GOALS,
            "achieved": achieved, "met": verdict, "test_n": rows["teacher"]["metrics"]["n"],
-           "student_vs_teacher": comparison, "seed": args.seed,
+           "student_vs_teacher": comparison, "student_vs_other_student": against, "seed": args.seed,
+           "teacher_checkpoint": args.teacher,
            "load_average": {"start": load_start, "end": os.getloadavg()[0]}}
     results.parent.mkdir(parents=True, exist_ok=True)
     results.with_suffix(".json").write_text(json.dumps(out, indent=1))
@@ -150,6 +172,12 @@ def main(argv=None) -> int:
               f"recall {fmt_interval(comparison['malignant_recall'])}; exact McNemar p = "
               f"{comparison['mcnemar']['p_value']:.3f}; malignant images the teacher found and the student missed: "
               f"{fl['lost']}, the reverse: {fl['gained']}; top-1 agreement {comparison['agreement']:.3f}.", "",
+              *([f"This student − the INT8 student of `{against['run']}`, same test images, paired 95 % bootstrap "
+                 f"intervals: accuracy {fmt_interval(against['accuracy'])}, macro-F1 {fmt_interval(against['macro_f1'])}, "
+                 f"malignant recall {fmt_interval(against['malignant_recall'])}; exact McNemar p = "
+                 f"{against['mcnemar']['p_value']:.3f}; malignant images that student found and this one missed: "
+                 f"{against['flips']['malignant']['lost']}, the reverse: {against['flips']['malignant']['gained']}; "
+                 f"top-1 agreement {against['agreement']:.3f}.", ""] if against else []),
               f"One test image is {100 / out['test_n']:.1f} points of accuracy.", "", f"Latency: median of {args.iters} batch-1 calls per model and thread setting, ONNX Runtime "
               "CPU, the three models block-interleaved in one process (`edgeus bench`).", "",
               "| goal | target | achieved | met |", "|---|---|---|---|"]
@@ -183,6 +211,30 @@ def main(argv=None) -> int:
     results.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def ensemble_checkpoint(paths: list[str], out: Path) -> Path:
+    """One edgeus checkpoint of the teachers at ``paths`` as an ensemble (averaged logits), with the first
+    member's classes, preprocessing and data fingerprint (all members must share them)."""
+    from edgeus.models.ensemble import make_ensemble
+    from edgeus.train.checkpoint import build_from_checkpoint, read_checkpoint, save_checkpoint
+
+    ckpts = [read_checkpoint(p) for p in paths]
+    for p, c in zip(paths[1:], ckpts[1:]):
+        for key in ("classes", "preprocessing"):
+            if c.get(key) != ckpts[0].get(key):
+                raise SystemExit(f"--teacher: {p} has other {key} than {paths[0]}")
+        if (c.get("data") or {}).get("sha256") != (ckpts[0].get("data") or {}).get("sha256"):
+            raise SystemExit(f"--teacher: {p} was trained on another split than {paths[0]}")
+    members = []
+    for c in ckpts:
+        m = build_from_checkpoint(c)
+        m.load_state_dict(c["state_dict"])
+        members.append(m.eval())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return save_checkpoint(out, make_ensemble(members), classes=ckpts[0]["classes"],
+                           preprocessing=ckpts[0]["preprocessing"], data=ckpts[0].get("data"),
+                           extra={"ensemble_of": [str(p) for p in paths]})
 
 
 def summarize(files: list[Path]) -> int:
