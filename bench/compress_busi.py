@@ -6,10 +6,11 @@
     python bench/compress_busi.py --seed 1             # another seed, teacher included -> compress_busi_seed1.*
     python bench/compress_busi.py --seed 1 --teacher runs/<run>/00-teacher/model.pt
         # only the stages after the teacher again with another seed
-    python bench/compress_busi.py --teacher runs/s0/00-teacher/model.pt,runs/s1/00-teacher/model.pt \\
-        --against runs/s0 --results bench/results/compress_busi_ensemble
+    python bench/compress_busi.py --teacher runs/s0/00-teacher/model.pt,runs/s1/00-teacher/model.pt,... \\
+        --against runs/s0
         # an ensemble of trained teachers (averaged logits; the student starts from the first), its student
-        # compared with the single first teacher's student of runs/s0
+        # compared with the single first teacher's student of runs/s0 -> compress_busi_ensemble<N> (N teachers;
+        # compress_busi_ensemble3.* holds the three seeds' teachers of profile=full)
     python bench/compress_busi.py --summarize          # every seed's goals, the teacher's mean -> compress_busi_seeds.md
 
 Everything in the result file is measured by this script in one run: the teacher, the student
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
                     help="also compare this run's INT8 student with the INT8 student of the run RUN on the same "
                     "test images (paired intervals, McNemar), e.g. students of an ensemble and of a single teacher")
     ap.add_argument("--results", default=None, help="results path without suffix (default bench/results/"
-                    "compress_busi, or compress_busi_seed<N>)")
+                    "compress_busi, compress_busi_seed<N>, or compress_busi_ensemble<N> for N teachers)")
     ap.add_argument("--iters", type=int, default=200, help="timed calls per model and thread setting")
     ap.add_argument("--summarize", nargs="*", default=None, metavar="JSON",
                     help="no run: the per-seed table and the teacher's mean over the seeds from result files "
@@ -74,12 +75,15 @@ def main(argv=None) -> int:
     from edgeus.pipeline import compress
 
     run_dir = Path(args.out or f"runs/bench-busi-{time.strftime('%Y%m%d-%H%M%S')}")
+    default_results = "compress_busi" + (f"_seed{args.seed}" if args.seed else "")
     if args.teacher and "," in args.teacher:
-        args.teacher = str(ensemble_checkpoint(args.teacher.split(","), run_dir.with_name(run_dir.name + ".teacher.pt")))
+        members = args.teacher.split(",")
+        args.teacher = str(ensemble_checkpoint(members, run_dir.with_name(run_dir.name + ".teacher.pt")))
+        default_results = f"compress_busi_ensemble{len(members)}"
     overrides = ["recipe=rsmas_int8", "data=busi", f"data.root={args.root}", f"profile={args.profile}",
                  "gates.enforce=false", f"out={run_dir}", f"seed={args.seed}",
                  *([f"teacher.checkpoint={args.teacher}"] if args.teacher else []), *args.set]
-    results = Path(args.results or HERE / "results" / ("compress_busi" + (f"_seed{args.seed}" if args.seed else "")))
+    results = Path(args.results or HERE / "results" / default_results)
     load_start = os.getloadavg()[0]
     t0 = time.time()
     compress(compose([f"resume={run_dir}"] if args.resume else overrides))
