@@ -84,8 +84,6 @@ def metric_value(metrics: dict, name: str) -> float:
     return float(v)
 
 
-
-
 class WeightAverage:
     """Exponential moving average of a model's state: parameters and BatchNorm statistics alike, with
     timm's ``ModelEmaV2`` warm-up (the decay used at update n is ``min(decay, (1 + n) / (10 + n))``, so
