@@ -11,6 +11,8 @@
         # an ensemble of trained teachers (averaged logits; the student starts from the first), its student
         # compared with the single first teacher's student of runs/s0 -> compress_busi_ensemble<N> (N teachers;
         # compress_busi_ensemble3.* holds the three seeds' teachers of profile=full)
+    python bench/compress_busi.py --teacher runs/s0/00-teacher/model.pt --set prune.target_macs=0.25 \\
+        --results bench/results/compress_busi_macs025    # a milder cut of the same teacher -> compress_busi_macs025.*
     python bench/compress_busi.py --summarize          # every seed's goals, the teacher's mean -> compress_busi_seeds.md
 
 Everything in the result file is measured by this script in one run: the teacher, the student
