@@ -127,25 +127,26 @@ def main(argv=None) -> int:
 
     pred = {k: np.load(run_dir / rows[k]["predictions"]) for k in ("teacher", "quantize")}
     y, classes = pred["teacher"]["labels"], list(rows["teacher"]["metrics"]["recall"])
-    cmp = compare(y, pred["teacher"]["probs"], pred["quantize"]["probs"], classes)
-    iv = cmp["intervals"]["accuracy"]
+    def paired(ref_probs, probs) -> dict:
+        """The second model against the first on the same test images: intervals, McNemar, flips, agreement."""
+        c = compare(y, ref_probs, probs, classes)
+        return {"accuracy": c["intervals"]["accuracy"], "macro_f1": c["intervals"]["macro_f1"],
+                "malignant_recall": c["intervals"]["recall/malignant"], "mcnemar": c["mcnemar"],
+                "flips": c["flips"], "agreement": c["agreement"]}
+
+    comparison = paired(pred["teacher"]["probs"], pred["quantize"]["probs"])
+    iv = comparison["accuracy"]
     achieved["accuracy_drop_upper"] = -iv["lo"]           # drop = teacher - student; interval is student - teacher
     achieved["malignant_images_lost"] = t["malignant_found"] - s["malignant_found"]
     verdict = {k: (v <= GOALS["max_" + k] if k in ("accuracy_drop_upper", "malignant_images_lost")
                    else v >= GOALS[k.split(" (")[0]]) for k, v in achieved.items()}
-    comparison = {"accuracy": iv, "macro_f1": cmp["intervals"]["macro_f1"],
-                  "malignant_recall": cmp["intervals"]["recall/malignant"], "mcnemar": cmp["mcnemar"],
-                  "flips": cmp["flips"], "agreement": cmp["agreement"]}
     against = None
     if args.against:
         ar = {r["stage"]: r for r in json.loads((Path(args.against) / "ledger.json").read_text())["rows"]}
         other = np.load(Path(args.against) / ar["quantize"]["predictions"])
         if not np.array_equal(other["labels"], y):
             raise SystemExit(f"--against {args.against}: its test split differs from this run's")
-        c2 = compare(y, other["probs"], pred["quantize"]["probs"], classes)
-        against = {"run": str(args.against), "accuracy": c2["intervals"]["accuracy"],
-                   "macro_f1": c2["intervals"]["macro_f1"], "malignant_recall": c2["intervals"]["recall/malignant"],
-                   "mcnemar": c2["mcnemar"], "flips": c2["flips"], "agreement": c2["agreement"]}
+        against = {"run": str(args.against), **paired(other["probs"], pred["quantize"]["probs"])}
     out = {"script": "bench/compress_busi.py", "date": time.strftime("%Y-%m-%d %H:%M"), "overrides": overrides,
            "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
            "wall_s": wall, "resumed": bool(args.resume), "run_dir": str(run_dir), "models": models, "goals": GOALS,
@@ -223,22 +224,17 @@ def ensemble_checkpoint(paths: list[str], out: Path) -> Path:
     """One edgeus checkpoint of the teachers at ``paths`` as an ensemble (averaged logits), with the first
     member's classes, preprocessing and data fingerprint (all members must share them)."""
     from edgeus.models.ensemble import make_ensemble
-    from edgeus.train.checkpoint import build_from_checkpoint, read_checkpoint, save_checkpoint
+    from edgeus.train.checkpoint import load_checkpoint, save_checkpoint
 
-    ckpts = [read_checkpoint(p) for p in paths]
+    members, ckpts = zip(*(load_checkpoint(p) for p in paths))
     for p, c in zip(paths[1:], ckpts[1:]):
         for key in ("classes", "preprocessing"):
             if c.get(key) != ckpts[0].get(key):
                 raise SystemExit(f"--teacher: {p} has other {key} than {paths[0]}")
         if (c.get("data") or {}).get("sha256") != (ckpts[0].get("data") or {}).get("sha256"):
             raise SystemExit(f"--teacher: {p} was trained on another split than {paths[0]}")
-    members = []
-    for c in ckpts:
-        m = build_from_checkpoint(c)
-        m.load_state_dict(c["state_dict"])
-        members.append(m.eval())
     out.parent.mkdir(parents=True, exist_ok=True)
-    return save_checkpoint(out, make_ensemble(members), classes=ckpts[0]["classes"],
+    return save_checkpoint(out, make_ensemble(list(members)), classes=ckpts[0]["classes"],
                            preprocessing=ckpts[0]["preprocessing"], data=ckpts[0].get("data"),
                            extra={"ensemble_of": [str(p) for p in paths]})
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
-import os
 import sys
 import tempfile
 import time
@@ -223,11 +221,7 @@ def main() -> int:
         for ds, run in (r.split("=", 1) for r in a.run):
             res["datasets"][ds] = measure(ds, run, a, host, Path(tmp))
     res["seconds"] = round(time.perf_counter() - t0, 1)
-    out = Path(a.out)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str))
-    out.with_suffix(".md").write_text(markdown(res) + f"\nWritten by bench/equalise_ptq.py in {res['seconds']:.0f} s "
-                                      f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}).\n")
-    print(out.with_suffix(".md").read_text())
+    Q.write_results(Path(a.out), res, markdown(res) + f"\nWritten by bench/equalise_ptq.py in {res['seconds']:.0f} s")
     return 0
 
 

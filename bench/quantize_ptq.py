@@ -417,13 +417,16 @@ def main() -> int:
             (work / ds).mkdir(parents=True, exist_ok=True)
             res["datasets"][ds] = run_dataset(ds, extra, work, a, host)
     res["seconds"] = round(time.perf_counter() - t0, 1)
-    out = Path(a.out)
+    write_results(Path(a.out), res, markdown(res) + f"\nTotal time {res['seconds']:.0f} s")
+    return 0
+
+
+def write_results(out: Path, res: dict, md: str) -> None:
+    """``out``.json and ``out``.md (``md`` plus the thread setting it was measured with), and print the .md."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str))
-    out.with_suffix(".md").write_text(markdown(res) + f"\nTotal time {res['seconds']:.0f} s "
-                                      f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}).\n")
+    out.with_suffix(".md").write_text(md + f" (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}).\n")
     print(out.with_suffix(".md").read_text())
-    return 0
 
 
 if __name__ == "__main__":
