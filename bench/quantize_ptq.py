@@ -85,6 +85,13 @@ def drops(fp32: dict, int8: dict) -> dict:
             "worst_recall_drop": max(rec.values())}
 
 
+def meets_goals(val_drops: dict, test_drops: dict, agreement: float) -> bool:
+    """The issue's goals for PTQ alone: accuracy and every class's recall drop on val and test, and agreement."""
+    return (max(val_drops["accuracy_drop"], test_drops["accuracy_drop"]) <= GOALS["max_accuracy_drop"] + 1e-9
+            and max(val_drops["worst_recall_drop"], test_drops["worst_recall_drop"]) <= GOALS["max_recall_drop"] + 1e-9
+            and agreement >= GOALS["min_agreement"])
+
+
 def one(fp32: Path, out: Path, cfg, layout, data, test: EvalSet, target: str, fp32_val: dict, fp32_test: dict,
         host: dict) -> dict:
     t0 = time.perf_counter()
@@ -95,9 +102,7 @@ def one(fp32: Path, out: Path, cfg, layout, data, test: EvalSet, target: str, fp
     tst = split_metrics(out, test, opt)
     fid = r["metrics"]["int8_ptq"]["fidelity"]
     dv, dt = drops(fp32_val, val), drops(fp32_test, tst)
-    ok = (max(dv["accuracy_drop"], dt["accuracy_drop"]) <= GOALS["max_accuracy_drop"] + 1e-9
-          and max(dv["worst_recall_drop"], dt["worst_recall_drop"]) <= GOALS["max_recall_drop"] + 1e-9
-          and fid["agreement"] >= GOALS["min_agreement"])
+    ok = meets_goals(dv, dt, fid["agreement"])
     return {"val": {**val, **dv}, "test": {**tst, **dt}, "agreement": fid["agreement"], "fidelity_images": fid["n"],
             "flips_per_class": fid["flips_per_class"], "agreement_by_source": fid["by_source"],
             "accuracy_mode": r["isa"]["accuracy_mode"], "qdq": count_qdq(out),
